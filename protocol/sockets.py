@@ -1,0 +1,37 @@
+"""ZeroMQ helpers shared by every role: loopback-first binding, frame limits, and no lingering on close."""
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlparse
+
+import zmq
+
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for tcp://127.x.x.x:PORT, tcp://[::1]:PORT, tcp://localhost:PORT, ipc:// and inproc:// endpoints."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = urlparse(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def configure(socket: zmq.Socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> zmq.Socket:
+    """Apply the limits every forage socket uses: bounded frames (ZMQ drops bigger ones), no linger on close."""
+    socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+    socket.setsockopt(zmq.LINGER, 0)
+    return socket
+
+
+def bind(socket: zmq.Socket, endpoint: str = "tcp://127.0.0.1:*", allow_remote: bool = False) -> str:
+    """Bind and return the concrete endpoint (with the chosen port). Non-loopback needs allow_remote=True."""
+    if not allow_remote and not is_loopback_endpoint(endpoint):
+        raise ValueError(f"refusing to bind {endpoint!r} beyond loopback without allow_remote=True")
+    socket.bind(endpoint)
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
