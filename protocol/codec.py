@@ -45,7 +45,7 @@ def decode(
         message = _decoder(kind).decode(frame)
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid message: {exc}") from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"undecodable frame ({len(frame)} bytes): {exc}") from exc
     if message.v != PROTOCOL_VERSION:
         raise ProtocolError(

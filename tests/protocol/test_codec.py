@@ -89,6 +89,7 @@ HOSTILE = {
     "unknown type tag": msgspec.msgpack.encode({"type": "launch_missiles", "v": 1}),
     "missing field": msgspec.msgpack.encode({"type": "admission_request", "v": 1, "actor_id": "a"}),
     "wrong field type": msgspec.msgpack.encode({"type": "weight_query", "v": 1, "actor_id": "a", "have_version": "3"}),
+    "non-utf8 string": b"\x83\xa4type\xb1admission_request\xa8actor_id\xa2\xff\xfe\xaarequest_id\xa1r",
     "unknown version": encode(AdmissionRequest(actor_id="a", request_id="r", v=99)),
 }
 

@@ -1,0 +1,86 @@
+"""ToolServerRole (a server on its own thread), SyncToolClient, and `python -m tool_servers` as a process."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import zmq
+
+from tool_servers import SyncToolClient, ToolCallError, ToolServerRole
+from ts_helpers import draw_entity, perturb, png
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_role_serves_blocking_clients_from_many_threads(text_corpus, image_corpus):
+    text = ToolServerRole("text_search", {"backend": "local", "corpus": str(text_corpus), "replicas": 1, "top_k": 1},
+                          limits={"max_queue": 64})
+    image = ToolServerRole("image_search", {"backend": "local", "corpus": str(image_corpus), "top_k": 2})
+    try:
+        text_endpoint, image_endpoint = text.start(), image.start()
+        with SyncToolClient([text_endpoint], default_deadline_s=5.0) as client:
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(lambda _: client.call("text_search", {"query": "otter"}), range(40)))
+            assert all(r.items[0].title == "Pondle" and len(r.items) == 1 for r in replies)
+            with pytest.raises(ToolCallError) as info:
+                client.call("text_search", {"query": ""})
+            assert info.value.code == "bad_request"
+            assert client.stats()[text_endpoint]["requests"] == 41
+        with SyncToolClient(image_endpoint) as client:
+            reply = client.call("image_search", {"image": png(perturb(draw_entity(3), seed=3))})
+            assert [i.title for i in reply.items][0] == "Entity 3" and len(reply.items) == 2
+        stats = text.stats()
+        assert stats["replies_ok"] == 40 and stats["error_bad_request"] == 1 and "latency_ms_p99" in stats
+    finally:
+        text.stop()
+        image.stop()
+    assert not any(t.name.startswith("tool-server-") for t in threading.enumerate())
+
+
+def test_role_reports_config_errors_at_start(text_corpus):
+    with pytest.raises(ValueError, match="corpus is null"):
+        ToolServerRole("text_search", {"backend": "local", "corpus": None}).start()
+    with pytest.raises(ValueError, match="unknown tool server limits"):
+        ToolServerRole("text_search", {"corpus": str(text_corpus)}, limits={"queue": 3})
+    first = ToolServerRole("text_search", {"corpus": str(text_corpus)})
+    endpoint = first.start()
+    try:
+        second = ToolServerRole("text_search", {"corpus": str(text_corpus)}, bind=endpoint)
+        with pytest.raises(zmq.ZMQError, match="in use"):
+            second.start()
+        first.stop()
+        assert second.start() == endpoint  # a failed start leaves the role startable
+        second.stop()
+    finally:
+        first.stop()
+
+
+def test_cli_serves_queries_and_stops_on_sigterm(text_corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TS_TOKEN": "tok"}
+    log_path = tmp_path / "serve.log"
+    serve = [sys.executable, "-m", "tool_servers", "serve", "--tool", "text_search", "--corpus", str(text_corpus),
+             "--token-env", "TS_TOKEN", "--top-k", "1", "--knob", "max_chars=40"]
+    with open(log_path, "w") as log, \
+            subprocess.Popen(serve, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True) as server:
+        try:
+            first = server.stdout.readline()
+            assert first.startswith("serving text_search on tcp://127.0.0.1:"), first + log_path.read_text()
+            query = [sys.executable, "-m", "tool_servers", "query", "--endpoint", first.split()[-1],
+                     "--tool", "text_search", "--token-env", "TS_TOKEN", "--query", "who built the clock tower"]
+            out = subprocess.run(query, cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            assert "[0] Harrow" in out.stdout and "[1]" not in out.stdout
+            out = subprocess.run(query, cwd=REPO, env={**env, "TS_TOKEN": "nope"}, capture_output=True, text=True,
+                                 timeout=30)
+            assert out.returncode == 1 and "error unauthorized" in out.stderr
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=10) == 0, log_path.read_text()
+        finally:
+            if server.poll() is None:
+                server.kill()
