@@ -1,0 +1,89 @@
+"""Staleness control: which rollouts may start (AReaL's admission rule) and how stale the trained tokens were.
+
+Admission. With B = groups_per_step, η = max_staleness and v the current policy version, a new group may start iff
+
+    accepted + running < (η + v + 1) · B
+
+where `accepted` counts groups received so far and `running` counts granted groups not yet received. A group
+started at version v' is trained at the earliest step that consumes it; since at most (η + v' + 1)·B groups exist
+by then, that step's version is at most v' + η, so no group is more than η versions stale when its first token
+was sampled (later tokens of a multi-version episode are fresher).
+
+Token staleness (pure helpers): for a step that updates the policy of version V, a generated token sampled by
+version v_t has lag V − v_t ≥ 0. Prompt and tool tokens (mask 0, version −1) are excluded.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+
+class AdmissionController:
+    """Thread-safe counters implementing the admission rule above."""
+
+    def __init__(self, groups_per_step: int, max_staleness: int) -> None:
+        if groups_per_step < 1 or max_staleness < 0:
+            raise ValueError(
+                f"need groups_per_step>=1 and max_staleness>=0, got {groups_per_step}, {max_staleness}"
+            )
+        self.groups_per_step = groups_per_step
+        self.max_staleness = max_staleness
+        self._lock = threading.Lock()
+        self.accepted = 0
+        self.running = 0
+        self.unexpected = 0  # groups that arrived without a matching grant (e.g. resent after a learner restart)
+
+    def capacity(self, version: int) -> int:
+        """How many more groups may start at `version` (may be negative after unexpected arrivals)."""
+        with self._lock:
+            return (self.max_staleness + version + 1) * self.groups_per_step - (self.accepted + self.running)
+
+    def try_grant(self, version: int) -> bool:
+        """Grant one group if the rule allows it; a grant counts as running until received or lost."""
+        if version < 0:
+            raise ValueError(f"policy version must be >= 0, got {version}")
+        with self._lock:
+            if self.accepted + self.running < (self.max_staleness + version + 1) * self.groups_per_step:
+                self.running += 1
+                return True
+            return False
+
+    def on_group_received(self) -> None:
+        """A granted group arrived (and was accepted into the buffer)."""
+        with self._lock:
+            if self.running > 0:
+                self.running -= 1
+            else:
+                self.unexpected += 1
+            self.accepted += 1
+
+    def on_group_lost(self) -> None:
+        """A granted group will never arrive (rejected, or its actor gave it up): free its slot."""
+        with self._lock:
+            if self.running > 0:
+                self.running -= 1
+
+
+def token_staleness(current_version: int, versions: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Lag `current_version − version` of every generated token (mask == 1), in token order.
+
+    Raises ValueError when a generated token carries a negative version or one newer than `current_version`.
+    """
+    versions = np.asarray(versions)
+    generated = np.asarray(mask).astype(bool)
+    if versions.shape != generated.shape:
+        raise ValueError(f"versions shape {versions.shape} != mask shape {generated.shape}")
+    token_versions = versions[generated].astype(np.int64)
+    if token_versions.size and (token_versions.min() < 0 or token_versions.max() > current_version):
+        raise ValueError(
+            f"generated-token versions span [{token_versions.min()}, {token_versions.max()}], outside "
+            f"[0, {current_version}] for the update of version {current_version}"
+        )
+    return current_version - token_versions
+
+
+def spans_versions(versions: np.ndarray, mask: np.ndarray) -> bool:
+    """True when the generated tokens of one trajectory were sampled by two or more policy versions."""
+    token_versions = np.asarray(versions)[np.asarray(mask).astype(bool)]
+    return bool(token_versions.size) and int(token_versions.min()) != int(token_versions.max())

@@ -1,0 +1,94 @@
+"""Run the learner alone on one machine: `python -m learner --model PATH [--steps N] [--metrics out.jsonl]`.
+(The code lives here rather than in __main__.py because spawned ranks must import `_rank` by module name.)
+
+Spawns `learner.world_size` LearnerRank processes (gloo on 127.0.0.1), prints rank 0's endpoints as one JSON line
+for actors to connect to, trains until N steps are done or Ctrl-C, and appends each step's metrics row to --metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import queue as queue_module
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _rank(rank: int, world_size: int, port: int, model: str, cfg: dict[str, Any], steps: int, out, stop) -> None:
+    import threading
+
+    import torch
+
+    from learner.role import LearnerRank
+
+    torch.set_num_threads(cfg["learner"].get("threads", 1))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    learner = LearnerRank(rank, world_size, "127.0.0.1", port, model, cfg)
+    learner.publish_initial()
+    if rank == 0:
+        out.put(("endpoints", learner.endpoints()))
+
+        def forward_metrics() -> None:  # the role's second caller, as a Ray wrapper would be
+            while not stop.wait(0.5):
+                for row in learner.drain_metrics():
+                    out.put(("metrics", row))
+            learner.stop()
+
+        threading.Thread(target=forward_metrics, daemon=True).start()
+    learner.run(steps)
+    if rank == 0:
+        for row in learner.drain_metrics():
+            out.put(("metrics", row))
+        out.put(("done", None))
+    learner.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="local HF model folder (e.g. the tiny model from models/)")
+    parser.add_argument("--steps", type=int, default=10, help="optimiser steps before exiting")
+    parser.add_argument("--learner-conf", default=str(CONF / "learner" / "fsdp_cpu.yaml"))
+    parser.add_argument("--algo-conf", default=str(CONF / "algo" / "grpo.yaml"))
+    parser.add_argument("--metrics", default="", help="append per-step metrics rows (JSON lines) to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = {"learner": yaml.safe_load(Path(args.learner_conf).read_text()),
+           "algo": yaml.safe_load(Path(args.algo_conf).read_text())}
+    world_size = int(cfg["learner"].get("world_size", 2))
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out, stop = ctx.Queue(), ctx.Event()
+    ranks = [ctx.Process(target=_rank, args=(r, world_size, port, args.model, cfg, args.steps, out, stop))
+             for r in range(world_size)]
+    for process in ranks:
+        process.start()
+    try:
+        while any(p.is_alive() for p in ranks):
+            try:
+                kind, value = out.get(timeout=1.0)
+            except queue_module.Empty:
+                continue
+            if kind == "endpoints":
+                print(json.dumps(value), flush=True)
+            elif kind == "metrics" and args.metrics:
+                with open(args.metrics, "a") as f:
+                    f.write(json.dumps(value) + "\n")
+            elif kind == "done":
+                break
+    except KeyboardInterrupt:
+        logging.info("stopping the learner")
+    finally:
+        stop.set()
+        for process in ranks:
+            process.join(60)
+    failed = [p.exitcode for p in ranks if p.exitcode]
+    if failed:
+        raise SystemExit(f"learner ranks exited with {failed}")

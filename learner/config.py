@@ -1,0 +1,126 @@
+"""Typed learner configuration: `LearnerConfig` (conf/learner/*) and `AlgoConfig` (conf/algo/*), built from plain dicts.
+
+Every field has a sane default and is validated on construction; unknown keys are rejected so a typo in conf/
+fails loudly instead of silently using a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, TypeVar
+
+CORRECTIONS = ("decoupled", "decoupled_mis", "bypass", "naive")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+BACKENDS = ("gloo", "nccl")
+PRECISIONS = ("fp32", "bf16")
+PUBLISH_DTYPES = ("float32", "bfloat16", "float16")
+
+C = TypeVar("C")
+
+
+def _from_dict(cls: type[C], values: Mapping[str, Any] | None) -> C:
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """GRPO + off-policy correction knobs. Field names of the loss part are what `losses.policy_loss` reads."""
+
+    group_size: int = 4
+    groups_per_step: int = 2
+    max_staleness: int = 1
+    # loss
+    correction: str = "decoupled"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    is_cap: float = 2.0
+    mis_low: float = 0.5
+    mis_high: float = 2.0
+    dual_clip: Optional[float] = None
+    agg: str = "token_mean"
+    # advantages
+    eps: float = 1e-6
+    std_normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"algo.correction={self.correction!r}; expected one of {CORRECTIONS}")
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"algo.agg={self.agg!r}; expected one of {AGGREGATIONS}")
+        if self.group_size < 1 or self.groups_per_step < 1 or self.max_staleness < 0:
+            raise ValueError(
+                f"need group_size>=1, groups_per_step>=1, max_staleness>=0; got {self.group_size}, "
+                f"{self.groups_per_step}, {self.max_staleness}"
+            )
+        if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
+            raise ValueError(f"need 0<=clip_low<1 and clip_high>=0; got {self.clip_low}, {self.clip_high}")
+        if self.is_cap <= 0.0:
+            raise ValueError(f"algo.is_cap must be > 0, got {self.is_cap}")
+        if not 0.0 <= self.mis_low < self.mis_high:
+            raise ValueError(f"need 0<=mis_low<mis_high; got {self.mis_low}, {self.mis_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"algo.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
+        if self.eps <= 0.0:
+            raise ValueError(f"algo.eps must be > 0, got {self.eps}")
+
+    @property
+    def needs_proximal(self) -> bool:
+        """Whether the loss reads proximal log-probs (a no-grad forward at the start of each step)."""
+        return self.correction != "bypass"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "AlgoConfig":
+        return _from_dict(cls, values)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """FSDP2 world, optimiser and transport knobs of the learner ranks."""
+
+    world_size: int = 2
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 4096
+    weight_bucket_mb: float = 64.0
+    publish_dtype: str = "float32"
+    threads: int = 1
+    backend: str = "gloo"
+    precision: str = "fp32"
+    seed: int = 0
+    take_timeout_s: float = 1.0
+    collective_timeout_s: float = 1800.0
+    bind_host: str = "127.0.0.1"
+    max_image_pixels: int = 4096 * 4096
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or self.threads < 1:
+            raise ValueError(f"need world_size>=1 and threads>=1; got {self.world_size}, {self.threads}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError(
+                f"need lr>0, warmup_steps>=0, weight_decay>=0, grad_clip>0; got {self.lr}, {self.warmup_steps}, "
+                f"{self.weight_decay}, {self.grad_clip}"
+            )
+        if self.micro_batch_tokens < 1 or self.weight_bucket_mb <= 0:
+            raise ValueError(
+                f"need micro_batch_tokens>=1, weight_bucket_mb>0; got {self.micro_batch_tokens}, "
+                f"{self.weight_bucket_mb}"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"learner.backend={self.backend!r}; expected one of {BACKENDS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"learner.precision={self.precision!r}; expected one of {PRECISIONS}")
+        if self.publish_dtype not in PUBLISH_DTYPES:
+            raise ValueError(f"learner.publish_dtype={self.publish_dtype!r}; expected one of {PUBLISH_DTYPES}")
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "LearnerConfig":
+        return _from_dict(cls, values)

@@ -1,0 +1,64 @@
+"""The AReaL admission rule and token-staleness arithmetic, by hand."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from learner.admission import AdmissionController, spans_versions, token_staleness
+
+
+def grants(controller: AdmissionController, version: int, attempts: int) -> int:
+    return sum(controller.try_grant(version) for _ in range(attempts))
+
+
+def test_capacity_is_staleness_plus_version_plus_one_batches() -> None:
+    c = AdmissionController(groups_per_step=2, max_staleness=1)
+    assert grants(c, 0, 10) == 4  # (1 + 0 + 1) · 2
+    c.on_group_received()
+    c.on_group_received()
+    assert grants(c, 0, 10) == 0  # accepted 2 + running 2 = 4: still full at version 0
+    assert grants(c, 1, 10) == 2  # (1 + 1 + 1) · 2 = 6
+    assert (c.accepted, c.running) == (2, 4)
+    assert c.capacity(1) == 0
+
+
+def test_zero_staleness_is_synchronous() -> None:
+    c = AdmissionController(groups_per_step=3, max_staleness=0)
+    assert grants(c, 0, 10) == 3
+    for _ in range(3):
+        c.on_group_received()
+    assert grants(c, 0, 10) == 0
+    assert grants(c, 1, 10) == 3
+
+
+def test_lost_groups_free_their_slot_and_unexpected_arrivals_are_counted() -> None:
+    c = AdmissionController(groups_per_step=1, max_staleness=0)
+    assert c.try_grant(0) and not c.try_grant(0)
+    c.on_group_lost()
+    assert c.running == 0 and c.try_grant(0)
+    c.on_group_received()
+    c.on_group_received()  # nobody was granted this one
+    assert (c.accepted, c.running, c.unexpected) == (2, 0, 1)
+    assert c.capacity(0) == -1
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError):
+        AdmissionController(groups_per_step=0, max_staleness=1)
+    with pytest.raises(ValueError, match="version"):
+        AdmissionController(1, 1).try_grant(-1)
+
+
+def test_token_staleness_counts_only_generated_tokens() -> None:
+    lag = token_staleness(3, np.array([-1, 1, 2, 3, -1]), np.array([0, 1, 1, 1, 0]))
+    assert lag.tolist() == [2, 1, 0]
+    with pytest.raises(ValueError, match="outside"):
+        token_staleness(1, np.array([2]), np.array([1]))
+    with pytest.raises(ValueError, match="outside"):
+        token_staleness(1, np.array([-1]), np.array([1]))
+
+
+def test_spans_versions() -> None:
+    assert spans_versions(np.array([-1, 2, 3]), np.array([0, 1, 1]))
+    assert not spans_versions(np.array([5, 2, 2]), np.array([0, 1, 1]))
+    assert not spans_versions(np.array([-1, -1]), np.array([0, 0]))

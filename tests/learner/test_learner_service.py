@@ -1,0 +1,119 @@
+"""The trajectory endpoint over real ZMQ: admissions, acks, duplicates, rejects, garbage, hand-off to training."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from learner.admission import AdmissionController
+from learner.batch import validate_group
+from learner.service import TrajectoryService
+from learner_worlds import make_group
+from protocol import (
+    AdmissionReply,
+    AdmissionRequest,
+    ErrorReply,
+    GroupAck,
+    LearnerOutbound,
+    WeightQuery,
+    decode,
+    encode,
+    to_ndarray,
+)
+
+
+@pytest.fixture
+def service(tiny_vlm):
+    ids = tiny_vlm[1]
+
+    def validate(group, version):
+        validate_group(group, vocab_size=ids["vocab_size"], image_token_id=ids["<|image_pad|>"],
+                       max_version=version, max_image_pixels=1 << 20)
+
+    svc = TrajectoryService(AdmissionController(groups_per_step=2, max_staleness=0), validate)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def dealer(service):
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 5000)
+    socket.connect(service.endpoint)
+    yield socket
+    socket.close()
+    context.term()
+
+
+def ask(socket, payload: bytes):
+    socket.send(payload)
+    return decode(socket.recv(), LearnerOutbound)
+
+
+def admit(socket, n: int = 1) -> list[AdmissionReply]:
+    return [ask(socket, encode(AdmissionRequest(actor_id="t", request_id=f"r{i}"))) for i in range(n)]
+
+
+def test_admission_group_ack_duplicate_and_take(service, dealer, tiny_vlm) -> None:
+    ids = tiny_vlm[1]
+    replies = admit(dealer, 3)
+    assert [r.granted for r in replies] == [True, True, False]  # (0 + 0 + 1) · 2 at version 0
+    assert replies[2].retry_after_ms > 0 and not replies[2].stopping
+    g1, g2 = make_group("g1", ids), make_group("g2", ids, seed=1)
+    assert ask(dealer, encode(g1)) == GroupAck(group_id="g1", accepted=True)
+    assert ask(dealer, encode(g1)) == GroupAck(group_id="g1", accepted=True, duplicate=True)
+    assert service.take(2, timeout=0.05) == []  # only one group so far: nothing removed
+    assert ask(dealer, encode(g2)).accepted
+    taken = service.take(2, timeout=1.0)
+    assert [g.group_id for g in taken] == ["g1", "g2"]
+    assert service.metrics.counter("groups_duplicate") == 1 and service.metrics.counter("groups_received") == 2
+    assert not admit(dealer)[0].granted  # accepted 2 fill version 0's capacity
+    service.set_version(1)
+    assert admit(dealer)[0].granted
+
+
+def test_bad_frames_get_error_replies_and_the_endpoint_keeps_serving(service, dealer) -> None:
+    reply = ask(dealer, b"\x93garbage")
+    assert isinstance(reply, ErrorReply) and reply.code == "bad_request"
+    reply = ask(dealer, encode(WeightQuery(actor_id="t", have_version=0)))
+    assert isinstance(reply, ErrorReply) and "weights endpoint" in reply.message
+    assert service.metrics.counter("bad_frames") == 2
+    assert admit(dealer)[0].granted
+
+
+def test_invalid_group_is_refused_and_frees_its_admission(service, dealer, tiny_vlm) -> None:
+    assert admit(dealer, 2)[1].granted
+    bad = make_group("bad", tiny_vlm[1])
+    bad.trajectories[0].images = []
+    ack = ask(dealer, encode(bad))
+    assert not ack.accepted and "placeholder" in ack.message
+    assert service.admission.running == 1 and service.metrics.counter("groups_rejected") == 1
+    assert ask(dealer, encode(bad)).accepted is False  # a rejected id is not remembered as seen
+
+
+def test_tokens_from_a_future_version_are_refused_until_the_learner_has_it(service, dealer, tiny_vlm) -> None:
+    group = make_group("future", tiny_vlm[1])
+    for traj in group.trajectories:
+        versions = np.frombuffer(traj.versions.data, dtype=np.int32)
+        traj.versions = to_ndarray(np.where(versions >= 0, 1, -1).astype(np.int32))
+    ack = ask(dealer, encode(group))
+    assert not ack.accepted and "versions span [1, 1]" in ack.message
+    service.set_version(1)
+    assert ask(dealer, encode(group)).accepted
+
+
+def test_stopping_refuses_admissions_and_wakes_take(service, dealer) -> None:
+    result: list = []
+    waiter = threading.Thread(target=lambda: result.append(service.take(2, timeout=30)))
+    waiter.start()
+    time.sleep(0.1)
+    service.stop_admissions()
+    waiter.join(5)
+    assert result == [[]]
+    reply = admit(dealer)[0]
+    assert not reply.granted and reply.stopping
