@@ -1,0 +1,329 @@
+"""One MMSearch-R1 episode, token-in/token-out: parse each generated turn, call the search tools, and append the
+tool results as new tokens, so the trajectory's token ids are exactly the ones the engine consumed and produced.
+
+Parsing (`parse_turn`) is pure. `EpisodeTokenizer` renders chat-template pieces to token ids (each piece tokenised
+on its own and appended; generated tokens are never decoded and re-encoded). `run_episode` is the async loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Protocol
+
+import numpy as np
+from PIL import Image
+
+from actors import prompts
+from actors.config import EpisodeConfig, SamplingConfig
+from actors.engine import Engine, EngineError, TurnRequest
+from actors.reward import Reward, last_answer
+from protocol import ToolReply, Trajectory, to_ndarray
+from protocol.metrics import Metrics
+from tool_servers.client import ToolCallError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SEARCH, TEXT_SEARCH = "image_search", "text_search"
+ActionKind = Literal["answer", "image_search", "text_search", "invalid_call", "none"]
+_SENTINEL = "\u2063forage-turn-end\u2063"  # stands in for an assistant turn's content when rendering the template
+
+
+# ---------------------------------------------------------------- parsing (pure)
+
+@dataclass(frozen=True)
+class TurnAction:
+    """What a generated turn asks for: the final answer, a search (with its query), or nothing usable."""
+
+    kind: ActionKind
+    query: str = ""
+    answer: str | None = None
+
+
+def parse_turn(text: str) -> TurnAction:
+    """Classify a decoded turn by how it ends (generation stops right after a closing tag)."""
+    stripped = text.rstrip()
+    if stripped.endswith(prompts.ANSWER_CLOSE):
+        answer = last_answer(stripped)
+        return TurnAction("answer", answer=answer) if answer is not None else TurnAction("invalid_call")
+    if stripped.endswith(prompts.IMAGE_SEARCH_CLOSE):
+        start = stripped.rfind(prompts.IMAGE_SEARCH_OPEN)
+        inner = stripped[start + len(prompts.IMAGE_SEARCH_OPEN):-len(prompts.IMAGE_SEARCH_CLOSE)]
+        return TurnAction(IMAGE_SEARCH if start >= 0 and inner.strip() == prompts.IMAGE_TAG else "invalid_call")
+    if stripped.endswith(prompts.TEXT_SEARCH_CLOSE):
+        start = stripped.rfind(prompts.TEXT_SEARCH_OPEN)
+        if start < 0:
+            return TurnAction("invalid_call")
+        query = stripped[start + len(prompts.TEXT_SEARCH_OPEN):-len(prompts.TEXT_SEARCH_CLOSE)].strip()
+        return TurnAction(TEXT_SEARCH, query=query) if query else TurnAction("invalid_call")
+    return TurnAction("none")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded image bytes (PNG/JPEG/WebP) to an RGB PIL image; raises ValueError on anything else."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises several unrelated types for bad data
+        raise ValueError(f"undecodable image ({len(data)} bytes): {exc}") from exc
+
+
+# ---------------------------------------------------------------- token pieces
+
+class EpisodeTokenizer:
+    """Token ids of the prompt pieces an episode appends, rendered with the model's own chat template."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        vocab = self.tokenizer.get_vocab()
+        self.image_pad_id = vocab["<|image_pad|>"]
+        # Vision placeholders the policy must not emit: a later prompt would read them as images, and the learner
+        # rejects generated placeholders. They are not banned in sampling (that would make the behaviour
+        # distribution differ from the policy's); a turn is cut just before one and the episode ends.
+        self.forbidden_ids = {vocab[t] for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
+                                                 "<|video_pad|>") if t in vocab}
+        self.stop_token_ids: list[int] = []
+        self.stop_strings: list[str] = []
+        for tag in prompts.TURN_STOPS:  # one-token tags stop on the id (exact); others on the string
+            ids = self.tokenizer.encode(tag, add_special_tokens=False)
+            (self.stop_token_ids.extend(ids) if len(ids) == 1 else self.stop_strings.append(tag))
+        for tok in ("<|im_end|>", self.tokenizer.eos_token):
+            if tok and tok in vocab and vocab[tok] not in self.stop_token_ids:
+                self.stop_token_ids.append(vocab[tok])
+        image_processor = processor.image_processor
+        self._merge = int(getattr(image_processor, "merge_size", 1)) ** 2
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path) -> "EpisodeTokenizer":
+        from transformers import AutoProcessor
+
+        return cls(AutoProcessor.from_pretrained(str(model_path)))
+
+    def _encode(self, text: str, images: int, what: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        found = ids.count(self.image_pad_id)
+        if found != images:
+            raise ValueError(f"{what}: {found} image placeholders for {images} images in {text!r}")
+        return ids
+
+    def first_prompt(self, question: str) -> list[int]:
+        """The first user turn plus the generation prompt, with one placeholder for the question's image."""
+        text = self.processor.apply_chat_template([prompts.first_user_message(question)], tokenize=False,
+                                                  add_generation_prompt=True)
+        return self._encode(text, 1, "first prompt")
+
+    def continuation(self, results: list[tuple[str, str, bool]]) -> list[int]:
+        """Tokens that close the assistant turn, then the <information> user turn and the generation prompt."""
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL},
+                    prompts.information_message(results)]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if text.count(_SENTINEL) != 1:
+            raise ValueError(f"chat template rendered the assistant turn {text.count(_SENTINEL)} times")
+        suffix = text[text.index(_SENTINEL) + len(_SENTINEL):]
+        return self._encode(suffix, sum(has_image for _, _, has_image in results), "tool-result turn")
+
+    def image_tokens(self, image: Image.Image) -> int:
+        """Placeholder tokens the engine will expand one image into (used to budget max_total_tokens)."""
+        counter = getattr(self.processor.image_processor, "get_number_of_image_patches", None)
+        if counter is None:
+            return 1
+        return int(counter(image.height, image.width, {})) // self._merge
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def first_prompt_length(tok: EpisodeTokenizer, question: "Question") -> int:
+    """Tokens of the first prompt once the engine has expanded the question image; raises ValueError on a bad
+    image. Only the image header is read."""
+    try:
+        with Image.open(io.BytesIO(question.image)) as img:
+            image_tokens = tok.image_tokens(img)
+    except Exception as exc:  # PIL raises several unrelated types for bad data
+        raise ValueError(f"question {question.id}: unreadable image ({exc})") from exc
+    return len(tok.first_prompt(question.question)) - 1 + image_tokens
+
+
+# ---------------------------------------------------------------- the episode
+
+class ToolCaller(Protocol):
+    """tool_servers.client.ToolClient's call (one client per tool)."""
+
+    async def call(self, tool: str, args: Mapping[str, Any], deadline_s: float | None = None) -> ToolReply: ...
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    answer: str
+    aliases: list[str]
+    image: bytes
+    kind: str = ""
+    search_label: str = ""
+
+
+@dataclass
+class EpisodeResult:
+    """Per-token lists share one length; `turns` are the decoded assistant turns (for the reward)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)
+    turns: list[str] = field(default_factory=list)
+    image_searches: int = 0
+    text_searches: int = 0
+    tool_errors: int = 0
+    finish_reason: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def extend(self, tokens: list[int], generated: bool, logprobs: list[float] | None = None,
+               versions: list[int] | None = None) -> None:
+        n = len(tokens)
+        self.token_ids.extend(tokens)
+        self.loss_mask.extend([1 if generated else 0] * n)
+        self.logprobs.extend(logprobs if generated else [0.0] * n)
+        self.versions.extend(versions if generated else [-1] * n)
+
+    def to_trajectory(self, reward: Reward) -> Trajectory:
+        return Trajectory(
+            token_ids=to_ndarray(np.asarray(self.token_ids, dtype=np.int32)),
+            loss_mask=to_ndarray(np.asarray(self.loss_mask, dtype=np.uint8)),
+            behaviour_logprobs=to_ndarray(np.asarray(self.logprobs, dtype=np.float32)),
+            versions=to_ndarray(np.asarray(self.versions, dtype=np.int32)),
+            images=list(self.images), reward=reward.total, reward_parts=reward.parts(),
+            image_searches=self.image_searches, text_searches=self.text_searches, tool_errors=self.tool_errors,
+            num_turns=len(self.turns), finish_reason=self.finish_reason, timings=dict(self.timings),
+        )
+
+
+async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str, ToolCaller], question: Question,
+                      cfg: EpisodeConfig, sampling: SamplingConfig, request_id: str, seed: int | None = None,
+                      metrics: Metrics | None = None) -> EpisodeResult:
+    """Play one episode to its end; the result's finish_reason says why it ended (every turn either ends the
+    episode or makes a call, and a call in the last turn ends it, so the loop always ends by a `break`)."""
+    metrics = metrics or Metrics()
+    started = time.perf_counter()
+    result = EpisodeResult(images=[question.image])
+    images = [decode_image(question.image)]
+    prompt = tok.first_prompt(question.question)  # the running token list as sent: one placeholder per image
+    pending_extra = tok.image_tokens(images[0]) - 1  # expansion of images the engine has not seen yet
+    consumed = 0  # prefix of `prompt` the engine has consumed (its expanded form is result.token_ids)
+    generate_s = tool_s = 0.0
+    for turn in range(cfg.max_turns):
+        expected_len = len(result.token_ids) + (len(prompt) - consumed) + pending_extra
+        budget = min(cfg.max_new_tokens_per_turn, cfg.max_total_tokens - expected_len)
+        if budget < 1:
+            result.finish_reason = "max_total_tokens"
+            break
+        t0 = time.perf_counter()
+        out = await engine.generate(TurnRequest(
+            request_id=f"{request_id}-t{turn}", prompt_token_ids=list(prompt), images=list(images),
+            max_tokens=budget, sampling=sampling, stop_token_ids=tok.stop_token_ids,
+            stop_strings=tok.stop_strings, seed=None if seed is None else (seed * 1_000_003 + turn) % (1 << 31)))
+        generate_s += time.perf_counter() - t0
+        known = len(result.token_ids)
+        if out.prompt_token_ids[:known] != result.token_ids:
+            raise EngineError(f"{request_id} turn {turn}: the engine's prompt does not extend the trajectory")
+        if len(out.prompt_token_ids) != expected_len:
+            metrics.inc("image_token_estimate_misses")
+            log.warning("%s turn %d: expected a %d-token prompt, the engine expanded it to %d", request_id, turn,
+                        expected_len, len(out.prompt_token_ids))
+        result.extend(out.prompt_token_ids[known:], generated=False)
+        tokens, logprobs, versions = out.token_ids, out.logprobs, out.versions
+        cut = next((i for i, t in enumerate(tokens) if t in tok.forbidden_ids), None)
+        if cut is not None:  # keep the exact prefix sampled before the placeholder, like a length cut
+            tokens, logprobs, versions = tokens[:cut], logprobs[:cut], versions[:cut]
+        result.extend(tokens, generated=True, logprobs=logprobs, versions=versions)
+        prompt.extend(tokens)
+        consumed, pending_extra = len(prompt), 0
+        text = tok.decode(tokens)
+        result.turns.append(text)
+        if cut is not None:
+            result.finish_reason = "invalid_token"
+            break
+        action = parse_turn(text)
+
+        if action.kind == "answer":
+            result.finish_reason = "answer"
+            break
+        if out.finish_reason == "length":
+            result.finish_reason = "max_new_tokens" if budget == cfg.max_new_tokens_per_turn else "max_total_tokens"
+            break
+        if action.kind in ("none", "invalid_call"):
+            result.finish_reason = "no_answer" if action.kind == "none" else "invalid_call"
+            break
+        if turn == cfg.max_turns - 1:
+            result.finish_reason = "search_in_last_turn"
+            break
+        if action.kind == IMAGE_SEARCH and result.image_searches >= cfg.max_image_searches:
+            result.finish_reason = "image_search_limit"
+            break
+        if action.kind == TEXT_SEARCH and result.text_searches >= cfg.max_text_searches:
+            result.finish_reason = "text_search_limit"
+            break
+
+        t0 = time.perf_counter()
+        shown, new_images, new_bytes = await _search(action, question, tools, cfg, result, metrics)
+        tool_s += time.perf_counter() - t0
+        prompt.extend(tok.continuation(shown))
+        images.extend(new_images)
+        result.images.extend(new_bytes)
+        pending_extra = sum(tok.image_tokens(img) - 1 for img in new_images)
+    result.timings = {"episode_s": time.perf_counter() - started, "generate_s": generate_s, "tool_s": tool_s}
+    metrics.inc(f"finish_{result.finish_reason}")
+    return result
+
+
+async def _search(action: TurnAction, question: Question, tools: Mapping[str, ToolCaller], cfg: EpisodeConfig,
+                  result: EpisodeResult, metrics: Metrics
+                  ) -> tuple[list[tuple[str, str, bool]], list[Image.Image], list[bytes]]:
+    """Run the call; return the hits to show (title, text, has_image), their images and image bytes.
+
+    A failed call (error reply, no reply, unknown tool) is shown to the model as "no results" and counted.
+    """
+    tool = action.kind
+    if tool == IMAGE_SEARCH:
+        result.image_searches += 1
+        args: dict[str, Any] = {"image": question.image}
+    else:
+        result.text_searches += 1
+        args = {"query": action.query}
+    client = tools.get(tool)
+    started = time.perf_counter()
+    try:
+        if client is None:
+            raise ToolCallError("unknown_tool", f"no client for {tool!r}; configured: {sorted(tools)}")
+        reply = await client.call(tool, args, deadline_s=cfg.tool_deadline_s)
+        if not reply.ok:
+            code = reply.error.code if reply.error else "backend_error"
+            raise ToolCallError(code, reply.error.message if reply.error else "reply not ok")
+    except (ToolCallError, asyncio.TimeoutError) as exc:
+        result.tool_errors += 1
+        metrics.inc(f"tool_errors_{tool}")
+        log.warning("%s failed for question %s: %s", tool, question.id, exc)
+        return [], [], []
+    finally:
+        metrics.observe(f"tool_latency_s_{tool}", time.perf_counter() - started)
+    shown: list[tuple[str, str, bool]] = []
+    new_images: list[Image.Image] = []
+    new_bytes: list[bytes] = []
+    for item in reply.items[:cfg.max_results]:
+        text = item.text[:cfg.max_result_chars]
+        has_image = tool == IMAGE_SEARCH and item.image is not None
+        if has_image:
+            try:
+                new_images.append(decode_image(item.image))
+                new_bytes.append(item.image)
+            except ValueError as exc:
+                metrics.inc("tool_bad_images")
+                log.warning("%s returned a bad thumbnail for %s: %s", tool, question.id, exc)
+                has_image = False
+        shown.append((item.title, text, has_image))
+    return shown, new_images, new_bytes

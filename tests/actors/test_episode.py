@@ -1,0 +1,224 @@
+"""Turn parsing, the episode's token pieces, and the episode loop against a scripted engine and fake tools."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from actors import prompts
+from actors.config import EpisodeConfig, SamplingConfig
+from actors.engine import EngineError
+from actors.episode import Question, first_prompt_length, parse_turn, run_episode
+from actors.reward import compute_reward
+from actors_helpers import FakeTools, ScriptedEngine, png_bytes, solid_image
+from protocol import TrajectoryGroup, decode, encode, from_ndarray
+
+SAMPLING = SamplingConfig()
+
+
+# ---------------------------------------------------------------- parsing
+
+@pytest.mark.parametrize("text, kind, query, answer", [
+    ("<reason> r </reason><answer> Paris </answer>", "answer", "", " Paris "),
+    ("<reason> r </reason><search><img></search>", "image_search", "", None),
+    ("<reason> r </reason><search> <img> </search>\n", "image_search", "", None),
+    ("<reason> r </reason><text_search> capital of x </text_search>", "text_search", "capital of x", None),
+    ("<reason> r </reason><search>a dog</search>", "invalid_call", "", None),
+    ("<reason> r </reason></search>", "invalid_call", "", None),
+    ("<reason> r </reason><text_search>   </text_search>", "invalid_call", "", None),
+    ("<reason> r </reason></text_search>", "invalid_call", "", None),
+    ("<reason> r </reason></answer>", "invalid_call", "", None),
+    ("<reason> r </reason> the answer is paris<|im_end|>", "none", "", None),
+    ("", "none", "", None),
+])
+def test_parse_turn(text, kind, query, answer):
+    action = parse_turn(text)
+    assert (action.kind, action.query, action.answer) == (kind, query, answer)
+
+
+# ---------------------------------------------------------------- token pieces
+
+def test_first_prompt_and_continuation_are_template_pieces(episode_tokenizer):
+    tok = episode_tokenizer
+    first = tok.first_prompt("what is it")
+    assert first.count(tok.image_pad_id) == 1
+    text = tok.decode(first)
+    assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>question: what is it")
+    assert text.endswith("<|im_start|>assistant\n")
+
+    piece = tok.continuation([("a thing", "", True), ("b", "", True), ("page", "words", False)])
+    assert piece.count(tok.image_pad_id) == 2
+    piece_text = tok.decode(piece)
+    assert piece_text.startswith("<|im_end|>\n<|im_start|>user\n")  # closes the assistant turn first
+    assert piece_text.endswith("<|im_start|>assistant\n")
+    assert prompts.INFO_OPEN in piece_text and "title: page\nwords" in piece_text
+
+    empty = tok.decode(tok.continuation([]))
+    assert prompts.NO_RESULTS in empty and "<|image_pad|>" not in empty
+
+
+def test_token_pieces_facts(episode_tokenizer):
+    tok = episode_tokenizer
+    assert tok.image_tokens(solid_image((1, 2, 3))) == 4  # 56x56 -> 16 patches -> 4 merged tokens
+    vocab = tok.tokenizer.get_vocab()
+    assert {vocab[t] for t in prompts.TURN_STOPS} | {vocab["<|im_end|>"]} == set(tok.stop_token_ids)
+    assert tok.stop_strings == []  # every tag is one token in the tiny vocabulary
+    assert vocab["<|image_pad|>"] in tok.forbidden_ids
+
+
+# ---------------------------------------------------------------- the episode loop
+
+def _ids(tok, text: str) -> list[int]:
+    return tok.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _question() -> Question:
+    return Question(id="q1", question="what is this", answer="blue star", aliases=["star"],
+                    image=png_bytes(solid_image((30, 30, 200))), kind="image_text", search_label="search")
+
+
+def _play(tok, turns, tools=None, cfg=None, finish_reasons=None):
+    engine = ScriptedEngine(turns, tok.image_pad_id, image_tokens=4, version=3, finish_reasons=finish_reasons)
+    tools = tools or FakeTools(thumbnails=2)
+    result = asyncio.run(run_episode(engine, tok, tools.as_clients(), _question(), cfg or EpisodeConfig(),
+                                     SAMPLING, request_id="g-e0", seed=7))
+    return engine, tools, result
+
+
+def test_three_turn_episode_is_token_in_token_out(episode_tokenizer):
+    tok = episode_tokenizer
+    turns = [_ids(tok, "<reason> look </reason><search><img></search>"),
+             _ids(tok, "<reason> name </reason><text_search> star town </text_search>"),
+             _ids(tok, "<reason> done </reason><answer> blue star </answer>")]
+    engine, tools, result = _play(tok, [list(t) for t in turns])
+
+    assert result.finish_reason == "answer" and len(result.turns) == 3
+    assert (result.image_searches, result.text_searches, result.tool_errors) == (1, 1, 0)
+    assert [c[0] for c in tools.calls] == ["image_search", "text_search"]
+    assert tools.calls[0][1] == {"image": _question().image} and tools.calls[1][1] == {"query": "star town"}
+    # each request = previous request + its output + the appended pieces; images accumulate 1 -> 3 -> 3
+    reqs = engine.requests
+    assert [len(r.images) for r in reqs] == [1, 3, 3]
+    assert reqs[0].prompt_token_ids == tok.first_prompt("what is this")
+    for prev, nxt, out in zip(reqs, reqs[1:], turns):
+        assert nxt.prompt_token_ids[:len(prev.prompt_token_ids) + len(out)] == prev.prompt_token_ids + out
+    assert reqs[1].prompt_token_ids[len(reqs[0].prompt_token_ids) + len(turns[0]):] == tok.continuation(
+        [("thing 0", "", True), ("thing 1", "", True)])
+    # trajectory = last engine prompt (expanded) + last output; masks/logprobs/versions line up
+    last = engine.outputs[-1]
+    assert result.token_ids == last.prompt_token_ids + last.token_ids
+    mask = np.array(result.loss_mask)
+    assert mask.sum() == sum(len(t) for t in turns)
+    gen_positions = np.flatnonzero(mask)
+    assert [result.token_ids[i] for i in gen_positions] == [t for turn in turns for t in turn]
+    assert all(result.versions[i] == 3 for i in gen_positions)
+    assert all(v == -1 and lp == 0.0 for v, lp, m in zip(result.versions, result.logprobs, mask) if not m)
+    assert [result.logprobs[i] for i in gen_positions] == [lp for o in engine.outputs for lp in o.logprobs]
+    assert result.token_ids.count(tok.image_pad_id) == 4 * 3  # question image + two thumbnails, 4 tokens each
+    assert len(result.images) == 3 and result.images[0] == _question().image
+    # per-turn seeds are derived from the episode seed and differ by turn
+    assert len({r.seed for r in reqs}) == 3
+    assert first_prompt_length(tok, _question()) == len(engine.outputs[0].prompt_token_ids)
+
+    reward = compute_reward(result.turns, "blue star", [])
+    group = TrajectoryGroup(group_id="g", actor_id="a", prompt_id="q1", trajectories=[result.to_trajectory(reward)])
+    back = decode(encode(group), TrajectoryGroup).trajectories[0]
+    assert from_ndarray(back.token_ids).tolist() == result.token_ids
+    assert back.reward == pytest.approx(0.91) and back.num_turns == 3 and back.finish_reason == "answer"
+
+
+def test_tool_error_tells_the_model_no_results(episode_tokenizer):
+    tok = episode_tokenizer
+    turns = [_ids(tok, "<reason> a </reason><search><img></search>"),
+             _ids(tok, "<reason> b </reason><answer> x </answer>")]
+    engine, tools, result = _play(tok, turns, tools=FakeTools(fail=("image_search",)))
+    assert result.tool_errors == 1 and result.image_searches == 1 and result.finish_reason == "answer"
+    appended = engine.requests[1].prompt_token_ids[len(engine.requests[0].prompt_token_ids) + len(turns[0]):]
+    assert appended == tok.continuation([])
+    assert prompts.NO_RESULTS in tok.decode(appended) and len(engine.requests[1].images) == 1
+
+
+@pytest.mark.parametrize("texts, cfg, reason, n_turns", [
+    (["<reason> a </reason><search><img></search>", "<reason> a </reason><search><img></search>"],
+     EpisodeConfig(), "image_search_limit", 2),
+    (["<reason> a </reason><text_search> q </text_search>", "<reason> a </reason><text_search> q </text_search>"],
+     EpisodeConfig(), "text_search_limit", 2),
+    (["<reason> a </reason><text_search> q </text_search>", "<reason> a </reason><search><img></search>"],
+     EpisodeConfig(max_turns=2), "search_in_last_turn", 2),
+    (["<reason> a </reason><search><img></search>"], EpisodeConfig(max_image_searches=0), "image_search_limit", 1),
+    (["<reason> a </reason> no idea<|im_end|>"], EpisodeConfig(), "no_answer", 1),
+    (["<reason> a </reason><search> cat </search>"], EpisodeConfig(), "invalid_call", 1),
+])
+def test_episode_limits_end_the_episode(episode_tokenizer, texts, cfg, reason, n_turns):
+    tok = episode_tokenizer
+    engine, tools, result = _play(tok, [_ids(tok, t) for t in texts], cfg=cfg)
+    assert result.finish_reason == reason and len(result.turns) == n_turns == len(engine.requests)
+    assert len(tools.calls) == n_turns - 1  # the call that broke a limit was not made
+
+
+@pytest.mark.parametrize("text", ["<reason> a <|image_pad|></reason><search><img></search>",
+                                  "<reason> a </reason><answer> red <|vision_start|> </answer>"])
+def test_generated_vision_token_cuts_the_turn_and_ends_the_episode(episode_tokenizer, text):
+    tok = episode_tokenizer
+    ids = _ids(tok, text)
+    cut = next(i for i, t in enumerate(ids) if t in tok.forbidden_ids)
+    engine, tools, result = _play(tok, [ids])
+    assert result.finish_reason == "invalid_token" and not tools.calls
+    assert result.token_ids == engine.outputs[0].prompt_token_ids + ids[:cut]  # exact prefix, nothing after
+    assert sum(result.loss_mask) == cut and result.logprobs[-cut:] == engine.outputs[0].logprobs[:cut]
+    assert not tok.forbidden_ids.intersection(t for t, m in zip(result.token_ids, result.loss_mask) if m)
+    assert compute_reward(result.turns, "red", []).total == 0.0
+
+
+def test_length_and_total_token_budgets(episode_tokenizer):
+    tok = episode_tokenizer
+    long_turn = _ids(tok, "<reason> red blue green round square star circle shape")
+    engine, _, result = _play(tok, [long_turn], cfg=EpisodeConfig(max_new_tokens_per_turn=5),
+                              finish_reasons=["length"])
+    assert engine.requests[0].max_tokens == 5 and result.finish_reason == "max_new_tokens"
+    assert sum(result.loss_mask) == 5
+
+    first_len = len(tok.first_prompt("what is this")) + 3  # expanded: one placeholder becomes 4 tokens
+    cfg = EpisodeConfig(max_total_tokens=first_len + 10)
+    engine, _, result = _play(tok, [long_turn], cfg=cfg, finish_reasons=["length"])
+    assert engine.requests[0].max_tokens == 10 and result.finish_reason == "max_total_tokens"
+    assert len(result.token_ids) == cfg.max_total_tokens
+
+    # the tool turn would not fit: the episode ends before asking the engine again
+    turns = [_ids(tok, "<reason> a </reason><search><img></search>")]
+    cfg = EpisodeConfig(max_total_tokens=first_len + len(turns[0]) + 5)
+    engine, _, result = _play(tok, turns, cfg=cfg)
+    assert result.finish_reason == "max_total_tokens" and len(engine.requests) == 1
+    assert len(result.token_ids) <= cfg.max_total_tokens
+
+
+def test_engine_prompt_that_does_not_extend_the_trajectory_is_an_error(episode_tokenizer):
+    tok = episode_tokenizer
+
+    class Diverging(ScriptedEngine):
+        async def generate(self, request):
+            out = await super().generate(request)
+            if len(self.requests) == 2:
+                out.prompt_token_ids[3] += 1
+            return out
+
+    engine = Diverging([_ids(tok, "<reason> a </reason><search><img></search>"), _ids(tok, "<answer> x </answer>")],
+                       tok.image_pad_id)
+    with pytest.raises(EngineError, match="does not extend"):
+        asyncio.run(run_episode(engine, tok, FakeTools().as_clients(), _question(), EpisodeConfig(), SAMPLING, "r"))
+
+
+def test_bad_question_image_is_rejected(episode_tokenizer):
+    tok = episode_tokenizer
+    q = Question(id="q", question="x", answer="y", aliases=[], image=b"not an image")
+    with pytest.raises(ValueError, match="undecodable image"):
+        asyncio.run(run_episode(ScriptedEngine([], tok.image_pad_id), tok, {}, q, EpisodeConfig(), SAMPLING, "r"))
+
+
+def test_missing_tool_client_counts_as_tool_error(episode_tokenizer):
+    tok = episode_tokenizer
+    turns = [_ids(tok, "<reason> a </reason><text_search> q </text_search>"), _ids(tok, "<answer> y </answer>")]
+    engine = ScriptedEngine(turns, tok.image_pad_id)
+    result = asyncio.run(run_episode(engine, tok, {}, _question(), EpisodeConfig(), SAMPLING, "r"))
+    assert result.tool_errors == 1 and result.finish_reason == "answer"
