@@ -64,6 +64,27 @@ class AdmissionController:
             if self.running > 0:
                 self.running -= 1
 
+    def on_group_dropped(self) -> None:
+        """An accepted group will not be trained (dropped as stale): the rule assumes every accepted group is
+        consumed in order, B per step, so give its slot back or the pipeline would run one group short."""
+        with self._lock:
+            if self.accepted > 0:
+                self.accepted -= 1
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters for a checkpoint."""
+        with self._lock:
+            return {"accepted": self.accepted, "running": self.running, "unexpected": self.unexpected}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Resume from `snapshot()`. Grants of the previous incarnation are not carried over (running = 0): their
+        groups may never come, and any that do are counted as `unexpected` and accepted (then bounded by the stale
+        policy), so a lost actor cannot shrink the capacity for ever."""
+        with self._lock:
+            self.accepted = int(state["accepted"])
+            self.unexpected = int(state.get("unexpected", 0))
+            self.running = 0
+
 
 def token_staleness(current_version: int, versions: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Lag `current_version − version` of every generated token (mask == 1), in token order.

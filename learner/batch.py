@@ -1,17 +1,12 @@
-"""From TrajectoryGroups to model inputs: validation on receipt, samples with advantages, the rank/micro-batch plan,
-and collation (padding, image processing, `mm_token_type_ids`).
+"""From received TrajectoryGroups to training samples: validation on receipt, samples with GRPO advantages, group
+staleness, the wire form of a step's batch (rank 0 → all ranks) and per-step rollout statistics.
 
-Token ids are exactly what the engine consumed and produced, with each image's placeholder already expanded to
-grid_t·grid_h·grid_w / merge² `<|image_pad|>` tokens (4 for a 56×56 image), so collation never re-tokenises:
-it only runs the image processor and checks that the placeholder counts agree with the processed grids.
-Every micro-batch carries at least one image (a masked dummy row when it has none) because FSDP2 needs every
-rank to run the same modules — the vision tower included — in every forward.
+Planning and collation of the samples into model inputs live in learner/packing.py.
 """
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import msgspec
 import numpy as np
@@ -21,65 +16,12 @@ from PIL import Image
 from learner.admission import spans_versions, token_staleness
 from learner.advantages import grpo_advantages
 from learner.config import AlgoConfig
+from learner.packing import Sample
 from protocol import ProtocolError, TrajectoryGroup, decode, encode, from_ndarray
 
 
 class InvalidGroup(ValueError):
     """A received group cannot be trained on; the message says which trajectory and why."""
-
-
-class ImageTokenMismatch(ValueError):
-    """The number of image placeholder tokens disagrees with what the image processor made of the images."""
-
-
-@dataclass
-class Sample:
-    """One trajectory ready for collation; per-token arrays share length T."""
-
-    group_id: str
-    input_ids: np.ndarray  # int64 [T]
-    loss_mask: np.ndarray  # bool [T]
-    behav_logp: np.ndarray  # float32 [T]
-    versions: np.ndarray  # int32 [T]
-    advantage: float
-    images: list[bytes] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-@dataclass
-class MicroBatch:
-    """Padded tensors of one forward/backward. Rows beyond `num_samples` are the masked dummy-image row."""
-
-    input_ids: torch.Tensor  # long [B, T]
-    attention_mask: torch.Tensor  # long [B, T]
-    mm_token_type_ids: torch.Tensor  # int [B, T], 1 on image tokens
-    pixel_values: torch.Tensor  # float [patches, C·t·p·p]
-    image_grid_thw: torch.Tensor  # long [images, 3]
-    loss_mask: torch.Tensor  # bool [B, T]
-    behav_logp: torch.Tensor  # float [B, T]
-    advantages: torch.Tensor  # float [B]
-    num_samples: int
-
-    def model_inputs(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.input_ids.to(device),
-            "attention_mask": self.attention_mask.to(device),
-            "mm_token_type_ids": self.mm_token_type_ids.to(device),
-            "pixel_values": self.pixel_values.to(device, dtype),
-            "image_grid_thw": self.image_grid_thw.to(device),
-        }
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What one rank trains on in one step; identical micro-batch counts on every rank (FSDP2 lock-step)."""
-
-    micro_batches: list[list[int]]  # sample indices per micro-batch ([] = dummy-only micro-batch)
-    total_tokens: int  # loss-mask tokens in the whole batch (all ranks): the token_mean denominator
-    total_seqs: int  # trajectories with >= 1 loss token in the whole batch: the seq_mean denominator
 
 
 # ------------------------------------------------------------------------------------------- receipt and samples
@@ -171,114 +113,44 @@ def samples_from_groups(groups: Sequence[TrajectoryGroup], algo: AlgoConfig) -> 
     return samples
 
 
-# ---------------------------------------------------------------------------------------------------- the plan
-
-def assign_to_ranks(lengths: Sequence[int], world_size: int) -> list[list[int]]:
-    """Longest-first greedy: each sample goes to the rank with the fewest tokens so far (ties: lowest rank).
-
-    Deterministic, so every rank computes the same assignment from the same batch."""
-    loads = [0] * world_size
-    shares: list[list[int]] = [[] for _ in range(world_size)]
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        shares[rank].append(index)
-        loads[rank] += lengths[index]
-    return shares
+def group_staleness(group: TrajectoryGroup, version: int) -> int:
+    """The largest lag `version − v_t` over the group's generated tokens (0 when it has none): how many versions
+    behind the policy being updated its oldest token is. Admission keeps this <= max_staleness in steady state."""
+    lag = 0
+    for traj in group.trajectories:
+        lags = token_staleness(version, from_ndarray(traj.versions), from_ndarray(traj.loss_mask))
+        if lags.size:
+            lag = max(lag, int(lags.max()))
+    return lag
 
 
-def plan_micro_batches(indices: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Pack samples (longest first) so that rows × longest row <= max_tokens; a longer sample rides alone."""
-    batches: list[list[int]] = []
-    for index in sorted(indices, key=lambda i: (-lengths[i], i)):
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
+def split_stale(groups: Sequence[TrajectoryGroup], version: int,
+                max_staleness: int) -> tuple[list[TrajectoryGroup], list[TrajectoryGroup]]:
+    """(fresh, stale): stale groups have a token more than `max_staleness` versions behind `version`."""
+    fresh, stale = [], []
+    for group in groups:
+        (stale if group_staleness(group, version) > max_staleness else fresh).append(group)
+    return fresh, stale
 
 
-def plan_step(samples: Sequence[Sample], world_size: int, rank: int, micro_batch_tokens: int) -> StepPlan:
-    """This rank's micro-batches, padded with empty ones to the largest count of any rank."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world of size {world_size}")
-    lengths = [s.num_tokens for s in samples]
-    shares = assign_to_ranks(lengths, world_size)
-    per_rank = [plan_micro_batches(share, lengths, micro_batch_tokens) for share in shares]
-    count = max(1, max(len(p) for p in per_rank))
-    mine = per_rank[rank] + [[] for _ in range(count - len(per_rank[rank]))]
-    return StepPlan(
-        micro_batches=mine,
-        total_tokens=int(sum(int(s.loss_mask.sum()) for s in samples)),
-        total_seqs=int(sum(1 for s in samples if s.loss_mask.any())),
-    )
+class StaleGroupError(RuntimeError):
+    """algo.stale_policy=error and a group older than max_staleness reached the trainer."""
 
 
-# ---------------------------------------------------------------------------------------------------- collation
-
-def dummy_image_bytes(side: int = 56) -> bytes:
-    """A black square PNG used to keep the vision tower in every forward (its tokens are never scored)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (side, side)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class Collator:
-    """Turns samples into a MicroBatch with the model's image processor and special-token ids."""
-
-    def __init__(self, image_processor: Any, image_token_id: int, pad_token_id: int) -> None:
-        self.image_processor = image_processor
-        self.image_token_id = image_token_id
-        self.pad_token_id = pad_token_id
-        self.merge = int(getattr(image_processor, "merge_size", 2))
-        self._dummy = dummy_image_bytes()
-        self._dummy_tokens = int(self._process([self._dummy])[1].prod(-1).sum()) // self.merge**2
-
-    def _process(self, images: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
-        pil = []
-        for data in images:
-            with Image.open(io.BytesIO(data)) as image:
-                pil.append(image.convert("RGB"))
-        out = self.image_processor(images=pil, return_tensors="pt")
-        return out["pixel_values"], out["image_grid_thw"].to(torch.long)
-
-    def __call__(self, samples: Sequence[Sample]) -> MicroBatch:
-        rows = [s.input_ids for s in samples]
-        images = [image for s in samples for image in s.images]
-        if images:
-            pixel_values, grid_thw = self._process(images)
-            tokens_per_image = (grid_thw.prod(-1) // self.merge**2).tolist()
-            self._check_placeholders(samples, tokens_per_image)
-        else:
-            pixel_values, grid_thw = self._process([self._dummy])
-            rows = rows + [np.full(self._dummy_tokens, self.image_token_id, dtype=np.int64)]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        behav = torch.zeros((len(rows), width), dtype=torch.float32)
-        advantages = torch.zeros(len(rows), dtype=torch.float32)
-        for r, row in enumerate(rows):
-            input_ids[r, : len(row)] = torch.from_numpy(row)
-            attention[r, : len(row)] = 1
-        for r, s in enumerate(samples):
-            loss_mask[r, : s.num_tokens] = torch.from_numpy(s.loss_mask)
-            behav[r, : s.num_tokens] = torch.from_numpy(s.behav_logp)
-            advantages[r] = s.advantage
-        mm_token_type_ids = ((input_ids == self.image_token_id) & attention.bool()).to(torch.int32)
-        return MicroBatch(input_ids, attention, mm_token_type_ids, pixel_values, grid_thw, loss_mask, behav,
-                          advantages, num_samples=len(samples))
-
-    def _check_placeholders(self, samples: Sequence[Sample], tokens_per_image: list[int]) -> None:
-        cursor = 0
-        for s in samples:
-            expected = tokens_per_image[cursor: cursor + len(s.images)]
-            cursor += len(s.images)
-            found = int((s.input_ids == self.image_token_id).sum())
-            if found != sum(expected):
-                raise ImageTokenMismatch(
-                    f"group {s.group_id}: {found} image placeholder tokens but the image processor made "
-                    f"{expected} tokens for its {len(s.images)} image(s) (grid_thw.prod()/{self.merge}^2 each)"
-                )
+def apply_stale_policy(groups: Sequence[TrajectoryGroup], version: int, max_staleness: int,
+                       policy: str) -> tuple[list[TrajectoryGroup], list[TrajectoryGroup]]:
+    """(groups to train, stale groups dropped) under `policy` for groups taken at `version`:
+    drop_counted → train the fresh ones, drop the stale ones; train → train all (the stale ones too);
+    error → raise StaleGroupError naming the stale groups (when there are any)."""
+    fresh, stale = split_stale(groups, version, max_staleness)
+    if not stale or policy == "train":
+        return list(groups), []
+    if policy == "drop_counted":
+        return fresh, stale
+    if policy == "error":
+        raise StaleGroupError(f"groups {[g.group_id for g in stale]} are more than max_staleness={max_staleness} "
+                              f"versions behind version {version} (algo.stale_policy=error)")
+    raise ValueError(f"unknown stale policy {policy!r}; expected drop_counted, train or error")
 
 
 # --------------------------------------------------------------------------------- wire form of a step's batch
@@ -294,8 +166,12 @@ def unpack_groups(blob: bytes) -> list[TrajectoryGroup]:
 
 # ------------------------------------------------------------------------------------------------ batch metrics
 
-def batch_stats(groups: Sequence[TrajectoryGroup], version: int) -> dict[str, float]:
-    """Rollout statistics of one step's groups; staleness is relative to `version`, the policy being updated."""
+def batch_stats(groups: Sequence[TrajectoryGroup], version: int, max_staleness: int = 0) -> dict[str, float]:
+    """Rollout statistics of one step's groups; staleness is relative to `version`, the policy being updated.
+
+    The token-lag histogram has one key per lag, `staleness_hist_K` = generated tokens sampled K versions behind,
+    always for K = 0..max_staleness (stable columns) and for any larger lag present; `stale_tokens` counts the
+    tokens beyond max_staleness (non-zero only when stale groups were trained, stale_policy=train)."""
     trajectories = [t for g in groups for t in g.trajectories]
     n = max(len(trajectories), 1)
     lags: list[np.ndarray] = []
@@ -323,7 +199,9 @@ def batch_stats(groups: Sequence[TrajectoryGroup], version: int) -> dict[str, fl
         "multi_version_trajectories": float(multi_version),
         "zero_std_groups": float(sum(1 for g in groups if len({t.reward for t in g.trajectories}) <= 1)),
     }
-    for k, count in enumerate(np.bincount(lag) if lag.size else []):
+    counts = np.bincount(lag, minlength=max_staleness + 1) if lag.size else np.zeros(max_staleness + 1, np.int64)
+    for k, count in enumerate(counts):
         stats[f"staleness_hist_{k}"] = float(count)
+    stats["stale_tokens"] = float((lag > max_staleness).sum()) if lag.size else 0.0
     return stats
 

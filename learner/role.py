@@ -1,7 +1,10 @@
 """The learner role: one `LearnerRank` per FSDP2 rank. Rank 0 also serves actors (admissions, groups) and weights.
 
-Loop per step:  rank 0 takes groups_per_step groups → broadcasts them (msgpack bytes in a uint8 tensor) → every
-rank trains its share → optimiser step → version += 1 → weights gathered and published by rank 0 → metrics row.
+Loop per step:  rank 0 takes groups_per_step groups (stale ones handled by algo.stale_policy) → broadcasts them
+(msgpack bytes in a uint8 tensor) → every rank trains its share → optimiser step → version += 1 → weights gathered
+and published by rank 0 → metrics row → a checkpoint every learner.checkpoint_every steps. When run() ends (max_steps
+or stop()), a final checkpoint holds everything acked but not trained, and resuming (learner.resume_from) continues
+at the same version with those groups first.
 A plain class: the launcher wraps it as a Ray actor with max_concurrency >= 2 so `drain_metrics`/`stop` can be
 called while `run` blocks. `publish_initial` and `run` are collectives: call them on every rank.
 """
@@ -12,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -19,16 +23,33 @@ import torch
 import torch.distributed as dist
 
 from learner.admission import AdmissionController
-from learner.batch import batch_stats, pack_groups, samples_from_groups, unpack_groups, validate_group
+from learner.batch import (
+    StaleGroupError,
+    apply_stale_policy,
+    batch_stats,
+    pack_groups,
+    samples_from_groups,
+    split_stale,
+    unpack_groups,
+    validate_group,
+)
+from learner.checkpoint import LearnerState, resolve_checkpoint
 from learner.config import AlgoConfig, LearnerConfig
 from learner.service import TrajectoryService
 from learner.trainer import BatchError, Trainer
-from learner.weights import ZmqWeightPublisher, gather_full_state_dict, to_checkpoint_names
+from learner.weights import WeightPublisher, ZmqWeightPublisher, gather_full_state_dict, make_publisher, \
+    to_checkpoint_names
 from protocol import TrajectoryGroup
 from protocol.metrics import Metrics
 from protocol.sockets import is_loopback_endpoint
 
 log = logging.getLogger(__name__)
+
+# Header codes of the per-step broadcast from rank 0.
+_STOP, _GO, _STALE_ERROR = 0, 1, 2
+_COUNTERS = ("groups_received", "groups_duplicate", "groups_rejected", "groups_refused_closed", "bad_frames",
+             "admissions_granted", "admissions_denied", "weights_served", "weights_bad_frames", "batches_skipped",
+             "stale_groups", "stale_groups_dropped", "stale_groups_trained", "checkpoints_written")
 
 
 class LearnerRank:
@@ -50,48 +71,86 @@ class LearnerRank:
         self.trainer = Trainer(model_path, self.learner, self.algo, device)
         self.device = device
         self.version = 0
+        self.trained_count = 0  # groups trained since the first run of this checkpoint lineage
+        self._trained_ids: deque[str] = deque(maxlen=100_000)
         self._lock = threading.Lock()
         self._rows: list[dict[str, float]] = []
         self._stop = threading.Event()
         self._running = False
         self._closed = False
         self.metrics = Metrics()
+
+        restore: Optional[tuple[list[TrajectoryGroup], list[str]]] = None
+        admission_state: Optional[dict[str, int]] = None
+        resume = resolve_checkpoint(self.learner.resume_from, self.learner.checkpoint_dir)
+        if resume is not None:
+            state, blob = self.trainer.load(resume)
+            self.version, self.trained_count = state.version, state.trained_groups
+            restore = (unpack_groups(blob) if blob else [], state.seen_group_ids)
+            admission_state = state.admission
+            log.info("rank %d resumed from %s at version %d (%d buffered group(s))", rank, resume, state.version,
+                     len(restore[0]))
         self.service: Optional[TrajectoryService] = None
-        self.publisher: Optional[ZmqWeightPublisher] = None
+        self.publisher: Optional[WeightPublisher] = None
+        self._endpoint: Optional[ZmqWeightPublisher] = None
         if rank == 0:
             endpoint = f"tcp://{self.learner.bind_host}:*"
             allow_remote = self.learner.bind_host not in ("127.0.0.1", "localhost", "::1")
             self.admission = AdmissionController(self.algo.groups_per_step, self.algo.max_staleness)
-            self.service = TrajectoryService(self.admission, self._validate, self.metrics, endpoint, allow_remote)
-            self.publisher = ZmqWeightPublisher(endpoint, self.learner.weight_bucket_mb, self.learner.publish_dtype,
+            if admission_state:
+                self.admission.restore(admission_state)
+            self.service = TrajectoryService(self.admission, self._validate, self.metrics, endpoint, allow_remote,
+                                             restore=restore, version=self.version)
+            self._endpoint = ZmqWeightPublisher(endpoint, self.learner.weight_bucket_mb, self.learner.publish_dtype,
                                                 self.metrics, allow_remote)
+            self.publisher = make_publisher(
+                self.learner.weight_transport, self._endpoint, weight_dir=self.learner.weight_dir,
+                keep=self.learner.weight_keep_versions, nccl_master_addr=self.learner.bind_host,
+                nccl_master_port=self.learner.nccl_master_port, nccl_engine_ranks=self.learner.nccl_engine_ranks,
+                device=device)
 
     # ------------------------------------------------------------------------------------------- public
     def endpoints(self) -> dict[str, str]:
-        """Rank 0: {"trajectories": ..., "weights": ...}; other ranks: {}."""
-        if self.service is None or self.publisher is None:
+        """Rank 0: {"trajectories", "weights", "weights_transport"} (+ "weights_dir" for fs); other ranks: {}."""
+        if self.service is None or self._endpoint is None:
             return {}
-        return {"trajectories": self.service.endpoint, "weights": self.publisher.endpoint}
+        out = {"trajectories": self.service.endpoint, "weights": self._endpoint.endpoint,
+               "weights_transport": self.learner.weight_transport}
+        if self.learner.weight_transport == "fs":
+            out["weights_dir"] = str(getattr(self.publisher, "directory", self.learner.weight_dir))
+        return out
 
     def publish_initial(self) -> None:
-        """Publish the loaded weights as version 0 (collective)."""
+        """Publish the loaded (or resumed) weights as the current version (collective)."""
         self._publish()
 
     def run(self, max_steps: int) -> None:
-        """Train until `max_steps` steps are done or `stop()` is called (collective)."""
+        """Train until `max_steps` steps are done or `stop()` is called (collective); then, with a checkpoint
+        directory configured, write the final checkpoint (collective) before returning."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("LearnerRank was stopped; create a new one")
             self._running = True
+        if self.service is not None:
+            self.service.open_intake()
+        finished = False  # the collectives are in step: a final checkpoint is safe to write
         try:
             for _ in range(max_steps):
                 if not self._step():
                     break
+            finished = True
+        except StaleGroupError:  # raised on every rank at the same point
+            finished = True
+            raise
         finally:
-            with self._lock:
-                self._running = False
-            if self._stop.is_set():
-                self._close()
+            try:
+                if finished and self.learner.checkpoint_dir:
+                    self._checkpoint(final=True)
+            finally:
+                with self._lock:
+                    self._running = False
+                if self._stop.is_set():
+                    self._close()
 
     def drain_metrics(self) -> list[dict[str, float]]:
         """Per-step metrics rows since the last call (rank 0; other ranks return [])."""
@@ -99,9 +158,15 @@ class LearnerRank:
             rows, self._rows = self._rows, []
         return rows
 
+    def trained_group_ids(self) -> list[str]:
+        """Rank 0: ids of the groups trained by this process, in training order (the newest 100k)."""
+        with self._lock:
+            return list(self._trained_ids)
+
     def stop(self) -> None:
-        """Stop granting admissions (replies carry stopping=True) and end `run` after the current step; sockets
-        and the process group close when `run` returns (at once if it is not running). Does not block."""
+        """Stop granting admissions (replies carry stopping=True) and end `run` after the current step (it then
+        writes the final checkpoint); sockets and the process group close when `run` returns (at once if it is not
+        running). Does not block."""
         self._stop.set()
         if self.service is not None:
             self.service.stop_admissions()
@@ -113,10 +178,19 @@ class LearnerRank:
     # ------------------------------------------------------------------------------------------- the step
     def _step(self) -> bool:
         start = time.perf_counter()
-        groups = self._take_groups() if self.rank == 0 else None
+        status, groups, note = _GO, None, ""
+        if self.rank == 0:
+            try:
+                groups = self._take_groups()
+            except StaleGroupError as exc:
+                status, note = _STALE_ERROR, str(exc)
+            if groups is None and status == _GO:
+                status = _STOP
         waited = time.perf_counter() - start
-        groups = self._broadcast(groups)
-        if groups is None:
+        status, groups = self._broadcast(status, groups)
+        if status == _STALE_ERROR:
+            raise StaleGroupError(note or "a stale group reached rank 0 (algo.stale_policy=error); see its log")
+        if status == _STOP:
             return False
         train_start = time.perf_counter()
         updated = self.version
@@ -128,36 +202,68 @@ class LearnerRank:
             self.metrics.inc("batches_skipped")
             return True
         self.version += 1
+        self.trained_count += len(groups)
         train_s = time.perf_counter() - train_start
         publish_s = self._publish()
         if self.rank == 0:
+            with self._lock:
+                self._trained_ids.extend(g.group_id for g in groups)
+            train["seq_tokens"] = float(sum(s.num_tokens for s in samples))
             self._record(groups, updated, train, waited, train_s, publish_s)
+        if self.learner.checkpoint_every and self.version % self.learner.checkpoint_every == 0:
+            self._checkpoint(final=False)
         return True
 
     def _take_groups(self) -> Optional[list[TrajectoryGroup]]:
+        """groups_per_step groups within max_staleness of the current version, stale ones handled by
+        algo.stale_policy (counted and logged, never silently); None once stop() was called."""
         assert self.service is not None
+        chosen: list[TrajectoryGroup] = []
+        need = self.algo.groups_per_step
         while not self._stop.is_set():
-            groups = self.service.take(self.algo.groups_per_step, self.learner.take_timeout_s)
-            if groups:
-                return groups
+            got = self.service.take(need - len(chosen), self.learner.take_timeout_s)
+            if not got:
+                continue
+            stale = split_stale(got, self.version, self.algo.max_staleness)[1]
+            self.metrics.inc("stale_groups", len(stale))
+            try:
+                keep, dropped = apply_stale_policy(got, self.version, self.algo.max_staleness, self.algo.stale_policy)
+            except StaleGroupError:
+                self.service.requeue(chosen + got)  # kept for the checkpoint a restart would resume from
+                raise
+            if dropped:
+                self.metrics.inc("stale_groups_dropped", len(dropped))
+                for _ in dropped:
+                    self.admission.on_group_dropped()
+                log.warning("dropped %d group(s) beyond max_staleness=%d at version %d: %s", len(dropped),
+                            self.algo.max_staleness, self.version, [g.group_id for g in dropped])
+            elif stale:
+                self.metrics.inc("stale_groups_trained", len(stale))
+                log.warning("training %d group(s) beyond max_staleness=%d at version %d: %s", len(stale),
+                            self.algo.max_staleness, self.version, [g.group_id for g in stale])
+            chosen += keep
+            if len(chosen) == need:
+                return chosen
+        self.service.requeue(chosen)  # stopping: untrained groups go back for the final checkpoint
         return None
 
-    def _broadcast(self, groups: Optional[list[TrajectoryGroup]]) -> Optional[list[TrajectoryGroup]]:
-        """Rank 0's groups to every rank as our own msgpack bytes (never pickle); None means stop."""
+    def _broadcast(self, status: int, groups: Optional[list[TrajectoryGroup]]
+                   ) -> tuple[int, Optional[list[TrajectoryGroup]]]:
+        """Rank 0's status and groups to every rank, as our own msgpack bytes (never pickle)."""
         if self.world_size == 1:
-            return groups
-        blob = pack_groups(groups) if self.rank == 0 and groups is not None else b""
-        header = torch.tensor([len(blob), int(groups is not None)], dtype=torch.int64, device=self.device)
+            return status, groups
+        blob = pack_groups(groups) if self.rank == 0 and status == _GO and groups is not None else b""
+        header = torch.tensor([len(blob), status], dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0)
-        size, go = (int(x) for x in header.tolist())
-        if not go:
-            return None
+        size, status = (int(x) for x in header.tolist())
+        if status != _GO:
+            return status, None
         if self.rank == 0:
             payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device)
         else:
             payload = torch.empty(size, dtype=torch.uint8, device=self.device)
         dist.broadcast(payload, src=0)
-        return groups if self.rank == 0 else unpack_groups(payload.cpu().numpy().tobytes())
+        return status, groups if self.rank == 0 else unpack_groups(payload.cpu().numpy().tobytes())
 
     def _publish(self) -> float:
         """Gather the full weights on rank 0 and publish them as `self.version`; returns seconds spent."""
@@ -170,6 +276,24 @@ class LearnerRank:
         self.metrics.observe("publish_s", elapsed)
         return elapsed
 
+    def _checkpoint(self, final: bool) -> None:
+        """Collective. The final one closes the intake first, so every acked group is either trained or saved."""
+        start = time.perf_counter()
+        state, blob = None, None
+        if self.service is not None:
+            if final:
+                self.service.close_intake()
+            groups, seen, admission = self.service.snapshot()
+            state = LearnerState(version=self.version, steps=self.trainer.steps, admission=admission,
+                                 seen_group_ids=seen, trained_groups=self.trained_count, world_size=self.world_size)
+            blob = pack_groups(groups)
+        path = self.trainer.save(self.learner.checkpoint_dir, self.version, state, blob, self.learner.checkpoint_keep)
+        self.metrics.inc("checkpoints_written")
+        self.metrics.observe("checkpoint_s", time.perf_counter() - start)
+        if self.rank == 0:
+            log.info("%s checkpoint at version %d: %s (%d buffered group(s))", "final" if final else "periodic",
+                     self.version, path, len(groups))
+
     def _validate(self, group: TrajectoryGroup, version: int) -> None:
         validate_group(group, vocab_size=self.trainer.vocab_size, image_token_id=self.trainer.image_token_id,
                        max_version=version, max_image_pixels=self.learner.max_image_pixels)
@@ -178,7 +302,7 @@ class LearnerRank:
                 train_s: float, publish_s: float) -> None:
         assert self.service is not None
         row: dict[str, float] = {"step": float(self.version), "policy_version": float(self.version)}
-        row.update(batch_stats(groups, updated))
+        row.update(batch_stats(groups, updated, self.algo.max_staleness))
         row.update(train)
         total = waited + train_s + publish_s
         row.update({
@@ -186,13 +310,15 @@ class LearnerRank:
             "learner_idle_frac": waited / total if total > 0 else 0.0,
             "step_time_s": train_s,
             "publish_s": publish_s,
+            "tokens_per_s": train["seq_tokens"] / train_s if train_s > 0 else 0.0,
+            "pad_frac": 1.0 - train["seq_tokens"] / train["model_tokens"] if train["model_tokens"] else 0.0,
             "buffered_groups": float(self.service.buffered()),
             "admission_running": float(self.admission.running),
             "admission_accepted": float(self.admission.accepted),
+            "trained_groups": float(self.trained_count),
         })
         snapshot = self.metrics.snapshot()
-        for name in ("groups_received", "groups_duplicate", "groups_rejected", "bad_frames", "admissions_granted",
-                     "admissions_denied", "weights_served", "weights_bad_frames", "batches_skipped"):
+        for name in _COUNTERS:
             row[name] = snapshot.get(name, 0.0)
         with self._lock:
             self._rows.append(row)
@@ -216,7 +342,7 @@ class LearnerRank:
 
 
 def join_world(learner: LearnerConfig, master_addr: str, master_port: int, rank: int,
-                world_size: int) -> Optional[socket.socket]:
+               world_size: int) -> Optional[socket.socket]:
     """Initialise the default process group through a TCPStore that rank 0 serves on `master_addr` only.
 
     torch's TCPStore binds every interface unless handed a listening socket, so rank 0 binds one itself (and

@@ -44,7 +44,12 @@ class TrajectoryService:
         allow_remote: bool = False,
         retry_after_ms: int = 200,
         max_remembered_ids: int = 1_000_000,
+        restore: Optional[tuple[list[TrajectoryGroup], list[str]]] = None,
+        version: int = 0,
     ) -> None:
+        """`restore` = (untrained groups, remembered ids) from a checkpoint: put in front of the buffer and
+        remembered before the endpoint serves, so a resent copy of a checkpointed group is acked as a duplicate
+        (and the groups are not acked again)."""
         self.admission = admission
         self.metrics = metrics or Metrics()
         self._validate = validate
@@ -53,8 +58,11 @@ class TrajectoryService:
         self._cond = threading.Condition()
         self._buffer: deque[TrajectoryGroup] = deque()
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._version = 0
+        self._version = version
         self._stopping = False
+        self._intake_open = True
+        if restore is not None:
+            self._restore(*restore)
         self._router = RouterThread("trajectories", self._handle, endpoint, allow_remote=allow_remote)
         self.endpoint = self._router.endpoint
 
@@ -78,6 +86,37 @@ class TrajectoryService:
     def buffered(self) -> int:
         with self._cond:
             return len(self._buffer)
+
+    def close_intake(self) -> None:
+        """Stop accepting groups (they get ErrorReply(overloaded) naming the group, so the actor keeps and resends
+        them): after this, the buffer changes only through `take`, so a snapshot of it is final."""
+        with self._cond:
+            self._intake_open = False
+
+    def open_intake(self) -> None:
+        with self._cond:
+            self._intake_open = True
+
+    def snapshot(self) -> tuple[list[TrajectoryGroup], list[str], dict[str, int]]:
+        """(acked-but-untrained groups in arrival order, remembered group ids oldest first, admission counters),
+        taken together under the lock that accepting a group holds, for a checkpoint."""
+        with self._cond:
+            return list(self._buffer), list(self._seen), self.admission.snapshot()
+
+    def _restore(self, groups: list[TrajectoryGroup], seen_ids: list[str]) -> None:
+        with self._cond:
+            for group_id in seen_ids:
+                self._seen[group_id] = None
+            self._buffer.extendleft(reversed(groups))
+            while len(self._seen) > self._max_ids:
+                self._seen.popitem(last=False)
+            self._cond.notify_all()
+
+    def requeue(self, groups: list[TrajectoryGroup]) -> None:
+        """Return taken-but-untrained groups to the front of the buffer, in order."""
+        with self._cond:
+            self._buffer.extendleft(reversed(groups))
+            self._cond.notify_all()
 
     def take(self, n_groups: int, timeout: float) -> list[TrajectoryGroup]:
         """Exactly `n_groups` groups in arrival order, or [] if they did not all arrive within `timeout` seconds
@@ -121,10 +160,14 @@ class TrajectoryService:
         return AdmissionReply(request_id=request.request_id, granted=False, version=version,
                               retry_after_ms=self._retry_after_ms)
 
-    def _accept(self, group: TrajectoryGroup) -> GroupAck:
+    def _accept(self, group: TrajectoryGroup) -> GroupAck | ErrorReply:
         with self._cond:
             duplicate = group.group_id in self._seen
-            version = self._version
+            version, intake_open = self._version, self._intake_open
+        if not intake_open and not duplicate:
+            self.metrics.inc("groups_refused_closed")
+            return ErrorReply(code="overloaded", id=group.group_id,
+                              message="learner is shutting down: keep the group and resend it after the restart")
         if duplicate:
             self.metrics.inc("groups_duplicate")
             return GroupAck(group_id=group.group_id, accepted=True, duplicate=True)
@@ -137,12 +180,16 @@ class TrajectoryService:
                 log.warning("rejected group %s from %s: %s", group.group_id, group.actor_id, exc)
                 return GroupAck(group_id=group.group_id, accepted=False, message=str(exc))
         with self._cond:
+            if not self._intake_open:  # closed while validating: the snapshot must not miss an acked group
+                self.metrics.inc("groups_refused_closed")
+                return ErrorReply(code="overloaded", id=group.group_id,
+                                  message="learner is shutting down: keep the group and resend it after the restart")
             self._seen[group.group_id] = None
             if len(self._seen) > self._max_ids:
                 self._seen.popitem(last=False)
             self._buffer.append(group)
+            self.admission.on_group_received()  # under the lock, so a snapshot sees buffer and counters agree
             self._cond.notify_all()
-        self.admission.on_group_received()
         self.metrics.inc("groups_received")
         self.metrics.inc("trajectories_received", len(group.trajectories))
         return GroupAck(group_id=group.group_id, accepted=True)

@@ -26,6 +26,7 @@ from protocol.messages import (
     ToolRequest,
     Trajectory,
     TrajectoryGroup,
+    WeightAnnounce,
     WeightBucket,
     WeightNone,
     WeightQuery,
@@ -35,6 +36,6 @@ __all__ = [
     "ERROR_CODES", "PROTOCOL_VERSION", "AdmissionReply", "AdmissionRequest", "ErrorReply", "GroupAck",
     "LearnerInbound", "LearnerOutbound", "NDArray", "NamedArray", "ProtocolError", "StatsReply", "StatsRequest",
     "ToolError", "ToolInbound", "ToolItem", "ToolOutbound", "ToolReply", "ToolRequest", "Trajectory",
-    "TrajectoryGroup", "WeightBucket", "WeightNone", "WeightQuery", "check_ndarray", "decode", "encode",
-    "from_ndarray", "to_ndarray",
+    "TrajectoryGroup", "WeightAnnounce", "WeightBucket", "WeightNone", "WeightQuery", "check_ndarray", "decode",
+    "encode", "from_ndarray", "to_ndarray",
 ]

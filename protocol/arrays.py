@@ -25,7 +25,7 @@ def to_ndarray(array: np.ndarray, dtype: str | None = None) -> NDArray:
         raise ProtocolError(f"dtype {name!r} cannot cross the wire; allowed: {sorted(ALLOWED_DTYPES)}")
     if name != "bfloat16":
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    contiguous = np.ascontiguousarray(array)
+    contiguous = np.require(array, requirements="C")  # unlike ascontiguousarray, keeps 0-d arrays 0-d
     return NDArray(dtype=name, shape=[int(s) for s in contiguous.shape], data=contiguous.tobytes())
 
 

@@ -72,3 +72,10 @@ def _validate(message: Message, max_elements: int) -> None:
             raise ProtocolError(f"weight bucket index {message.index} outside 0..{message.num_buckets - 1}")
         for named in message.tensors:
             check_ndarray(named.array, max_elements, f"weight {named.name}")
+            if named.total_rows or named.row_offset:
+                rows = named.array.shape[0] if named.array.shape else -1
+                if named.row_offset < 0 or rows < 1 or named.row_offset + rows > named.total_rows:
+                    raise ProtocolError(
+                        f"weight {named.name}: chunk rows [{named.row_offset}, {named.row_offset + rows}) outside "
+                        f"[0, {named.total_rows})"
+                    )

@@ -148,8 +148,14 @@ class WeightQuery(Message, tag="weight_query"):
 
 
 class NamedArray(msgspec.Struct, kw_only=True):
+    """A named tensor, or one chunk of it: when `total_rows` > 0, `array` holds rows
+    [row_offset, row_offset + shape[0]) of a tensor with `total_rows` rows along dim 0 (a tensor larger than one
+    bucket is split across buckets; see protocol/weights.py for reassembly)."""
+
     name: str
     array: NDArray
+    row_offset: int = 0
+    total_rows: int = 0  # 0: `array` is the whole tensor
 
 
 class WeightBucket(Message, tag="weight_bucket"):
@@ -159,6 +165,22 @@ class WeightBucket(Message, tag="weight_bucket"):
     index: int
     num_buckets: int
     tensors: list[NamedArray]
+
+
+class WeightAnnounce(Message, tag="weight_announce"):
+    """Reply to a WeightQuery when the weights travel out of band (`transport` "fs" or "nccl"): version `version`
+    is ready. fs: read `location` (the weight directory, see protocol/weights.py). nccl: join the broadcast with
+    vLLM's weight-transfer API, `init` being its NCCL init info for this actor (master_address, master_port,
+    world_size, rank_offset, packed, packed_buffer_size_bytes, packed_num_buffers) and names/dtype_names/shapes its
+    update info."""
+
+    version: int
+    transport: str
+    location: str = ""
+    init: dict[str, Any] = {}
+    names: list[str] = []
+    dtype_names: list[str] = []
+    shapes: list[list[int]] = []
 
 
 class WeightNone(Message, tag="weight_none"):
@@ -176,6 +198,6 @@ class ErrorReply(Message, tag="error"):
 
 
 LearnerInbound = Union[TrajectoryGroup, AdmissionRequest, WeightQuery]
-LearnerOutbound = Union[GroupAck, AdmissionReply, WeightBucket, WeightNone, ErrorReply]
+LearnerOutbound = Union[GroupAck, AdmissionReply, WeightBucket, WeightAnnounce, WeightNone, ErrorReply]
 ToolInbound = Union[ToolRequest, StatsRequest]
 ToolOutbound = Union[ToolReply, StatsReply, ErrorReply]

@@ -62,3 +62,29 @@ def test_spans_versions() -> None:
     assert spans_versions(np.array([-1, 2, 3]), np.array([0, 1, 1]))
     assert not spans_versions(np.array([5, 2, 2]), np.array([0, 1, 1]))
     assert not spans_versions(np.array([-1, -1]), np.array([0, 0]))
+
+
+def test_snapshot_restore_keeps_accepted_and_forgets_old_grants() -> None:
+    c = AdmissionController(groups_per_step=2, max_staleness=1)
+    assert grants(c, 0, 3) == 3
+    c.on_group_received()
+    state = c.snapshot()
+    assert state == {"accepted": 1, "running": 2, "unexpected": 0}
+    resumed = AdmissionController(groups_per_step=2, max_staleness=1)
+    resumed.restore(state)
+    assert (resumed.accepted, resumed.running) == (1, 0)  # grants of the old process are not trusted
+    assert grants(resumed, 0, 10) == 3
+    resumed.on_group_received()
+    resumed.on_group_received()
+    resumed.on_group_received()
+    resumed.on_group_received()  # a group granted by the old process arrives after all
+    assert (resumed.accepted, resumed.running, resumed.unexpected) == (5, 0, 1)
+
+
+def test_a_dropped_group_gives_its_slot_back() -> None:
+    c = AdmissionController(groups_per_step=1, max_staleness=0)
+    assert c.try_grant(0)
+    c.on_group_received()
+    assert not c.try_grant(0)
+    c.on_group_dropped()  # dropped as stale: version 0 may admit one more
+    assert c.accepted == 0 and c.try_grant(0)

@@ -1,35 +1,25 @@
-"""Receipt validation, samples, the rank/micro-batch plan, collation with the real image processor, batch stats."""
+"""Receipt validation, samples with advantages, group staleness, the broadcast wire form and batch stats."""
 from __future__ import annotations
 
 import msgspec
 import numpy as np
 import pytest
-import torch
 
 from learner.batch import (
-    Collator,
-    ImageTokenMismatch,
     InvalidGroup,
-    assign_to_ranks,
+    StaleGroupError,
+    apply_stale_policy,
     batch_stats,
+    group_staleness,
     pack_groups,
-    plan_micro_batches,
-    plan_step,
     samples_from_groups,
+    split_stale,
     unpack_groups,
     validate_group,
 )
 from learner.config import AlgoConfig
 from learner_worlds import make_group, make_trajectory, png
 from protocol import TrajectoryGroup, to_ndarray
-
-
-@pytest.fixture(scope="module")
-def collator(tiny_vlm):
-    from transformers import AutoImageProcessor
-
-    path, ids = tiny_vlm
-    return Collator(AutoImageProcessor.from_pretrained(path), ids["<|image_pad|>"], ids["<|endoftext|>"])
 
 
 def check(group: TrajectoryGroup, ids: dict[str, int], max_version: int = 5) -> None:
@@ -72,7 +62,7 @@ def test_invalid_groups_are_rejected_with_the_reason(tiny_vlm) -> None:
         check(TrajectoryGroup(group_id="e", actor_id="a", prompt_id="p"), ids)
 
 
-# ------------------------------------------------------------------------------------------------ samples, plan
+# ------------------------------------------------------------------------------------------------ samples
 
 def test_samples_carry_group_advantages(tiny_vlm) -> None:
     ids = tiny_vlm[1]
@@ -82,67 +72,6 @@ def test_samples_carry_group_advantages(tiny_vlm) -> None:
     assert [round(s.advantage, 4) for s in samples] == [0.7071, -0.7071, 0.0, 0.0, 0.0]
     assert [s.group_id for s in samples] == ["a", "a", "b", "b", "b"]
     assert samples[0].input_ids.dtype == np.int64 and samples[0].loss_mask.dtype == bool
-
-
-def test_ranks_are_balanced_longest_first() -> None:
-    # 10 -> r0, 9 -> r1, 8 -> r1 (9 < 10), 1 -> r0 (10 < 17)
-    assert assign_to_ranks([10, 9, 8, 1], 2) == [[0, 3], [1, 2]]
-    assert assign_to_ranks([5], 3) == [[0], [], []]
-
-
-def test_micro_batches_respect_the_padded_token_budget() -> None:
-    # sorted 10, 9, 8, 1: [10, 9] = 2·10 <= 20; adding 8 makes 3·10 > 20; [8, 1] = 2·8
-    assert plan_micro_batches([0, 1, 2, 3], [10, 9, 8, 1], 20) == [[0, 1], [2, 3]]
-    assert plan_micro_batches([0], [50], 20) == [[0]]  # too long for the budget: rides alone
-
-
-def test_every_rank_gets_the_same_number_of_micro_batches(tiny_vlm) -> None:
-    samples = samples_from_groups([make_group("a", tiny_vlm[1], rewards=(1.0, 0.0, 1.0))], AlgoConfig())
-    plans = [plan_step(samples, 4, rank, micro_batch_tokens=10) for rank in range(4)]
-    assert len({len(p.micro_batches) for p in plans}) == 1
-    assert plans[3].micro_batches == [[]]  # 3 samples, 4 ranks: the last rank trains a dummy micro-batch
-    assert sorted(i for p in plans for mb in p.micro_batches for i in mb) == [0, 1, 2]
-    assert plans[0].total_tokens == sum(int(s.loss_mask.sum()) for s in samples)
-    assert plans[0].total_seqs == 3
-
-
-# ------------------------------------------------------------------------------------------------ collation
-
-def test_collation_pads_marks_image_tokens_and_processes_images(tiny_vlm, collator) -> None:
-    ids = tiny_vlm[1]
-    samples = samples_from_groups([make_group("a", ids, rewards=(1.0, 0.0))], AlgoConfig())
-    mb = collator(samples)  # trajectory 0 has one 56x56 image (4 tokens), trajectory 1 none
-    assert mb.image_grid_thw.tolist() == [[1, 4, 4]]
-    assert mb.pixel_values.shape[0] == 16
-    assert mb.input_ids.shape == (2, max(s.num_tokens for s in samples))
-    assert mb.mm_token_type_ids.sum().item() == 4
-    assert torch.equal(mb.mm_token_type_ids.bool(), mb.input_ids == ids["<|image_pad|>"])
-    assert mb.attention_mask[1].sum().item() == samples[1].num_tokens
-    assert torch.equal(mb.loss_mask[0, : samples[0].num_tokens], torch.from_numpy(samples[0].loss_mask))
-    assert mb.advantages.tolist() == pytest.approx([s.advantage for s in samples])
-
-
-def test_a_micro_batch_without_images_gets_a_masked_dummy_image_row(tiny_vlm, collator) -> None:
-    ids = tiny_vlm[1]
-    samples = samples_from_groups([make_group("a", ids, with_image=False, rewards=(1.0, 0.0))], AlgoConfig())
-    mb = collator(samples)
-    assert mb.input_ids.shape[0] == 3 and mb.num_samples == 2
-    assert mb.image_grid_thw.shape[0] == 1
-    assert mb.mm_token_type_ids[2].sum().item() == 4 and not mb.loss_mask[2].any()
-    assert mb.advantages[2].item() == 0.0
-    empty = collator([])
-    assert empty.input_ids.shape[0] == 1 and not empty.loss_mask.any()
-
-
-def test_placeholder_count_must_match_the_processed_grid(tiny_vlm, collator) -> None:
-    ids = tiny_vlm[1]
-    sample = samples_from_groups([make_group("a", ids, rewards=(1.0,))], AlgoConfig())[0]
-    pads = np.flatnonzero(sample.input_ids == ids["<|image_pad|>"])
-    sample.input_ids = np.delete(sample.input_ids, pads[0])  # 3 placeholders for a 4-token image
-    sample.loss_mask = np.delete(sample.loss_mask, pads[0])
-    sample.behav_logp = np.delete(sample.behav_logp, pads[0])
-    with pytest.raises(ImageTokenMismatch, match=r"3 image placeholder tokens .*\[4\]"):
-        collator([sample])
 
 
 # ------------------------------------------------------------------------------------------------ wire, stats
@@ -160,10 +89,47 @@ def test_batch_stats_by_hand(tiny_vlm) -> None:
     t1 = make_trajectory(rng, ids, reward=1.0, gen_len=3, versions=[2, 3, 3], searches=(1, 2), accuracy=1.0)
     t2 = make_trajectory(rng, ids, reward=0.0, gen_len=2, versions=[3, 3], with_image=False)
     group = TrajectoryGroup(group_id="g", actor_id="a", prompt_id="p", trajectories=[t1, t2])
-    stats = batch_stats([group], version=3)
+    stats = batch_stats([group], version=3, max_staleness=2)
     assert stats["trajectories"] == 2 and stats["tokens_generated"] == 5
     assert stats["reward_mean"] == 0.5 and stats["accuracy"] == 0.5 and stats["search_ratio"] == 0.5
     assert (stats["image_searches"], stats["text_searches"]) == (1, 2)
     assert stats["staleness_mean"] == pytest.approx(1 / 5) and stats["staleness_max"] == 1
     assert stats["multi_version_trajectories"] == 1
-    assert (stats["staleness_hist_0"], stats["staleness_hist_1"]) == (4, 1)
+    # lags: t1 [1, 0, 0], t2 [0, 0]; bins 0..max_staleness always present, so hist_2 is a stable zero column
+    assert (stats["staleness_hist_0"], stats["staleness_hist_1"], stats["staleness_hist_2"]) == (4, 1, 0)
+    assert stats["stale_tokens"] == 0
+    late = batch_stats([group], version=5, max_staleness=1)  # lags [3, 2, 2] and [2, 2]
+    assert (late["staleness_hist_0"], late["staleness_hist_1"], late["staleness_hist_2"],
+            late["staleness_hist_3"]) == (0, 0, 4, 1)
+    assert late["stale_tokens"] == 5
+
+
+def test_group_staleness_is_the_oldest_generated_token(tiny_vlm) -> None:
+    ids = tiny_vlm[1]
+    rng = np.random.default_rng(0)
+    fresh = TrajectoryGroup(group_id="f", actor_id="a", prompt_id="p", trajectories=[
+        make_trajectory(rng, ids, reward=1.0, gen_len=3, versions=[4, 5, 5])])
+    old = TrajectoryGroup(group_id="o", actor_id="a", prompt_id="p", trajectories=[
+        make_trajectory(rng, ids, reward=1.0, gen_len=2, versions=[5, 5]),
+        make_trajectory(rng, ids, reward=0.0, gen_len=2, versions=[2, 3])])  # the second trajectory started at 2
+    assert group_staleness(fresh, 5) == 1 and group_staleness(old, 5) == 3
+    kept, stale = split_stale([fresh, old], version=5, max_staleness=1)
+    assert [g.group_id for g in kept] == ["f"] and [g.group_id for g in stale] == ["o"]
+    kept, stale = split_stale([fresh, old], version=5, max_staleness=3)
+    assert len(kept) == 2 and stale == []
+    with pytest.raises(ValueError, match="outside"):
+        group_staleness(fresh, 4)  # a token from version 5 cannot be trained into version 4
+
+
+def test_stale_policies_drop_train_or_raise(tiny_vlm) -> None:
+    ids = tiny_vlm[1]
+    fresh, old = make_group("fresh", ids, version=4), make_group("old", ids, seed=1, version=1)
+    keep, dropped = apply_stale_policy([old, fresh], version=4, max_staleness=1, policy="drop_counted")
+    assert [g.group_id for g in keep] == ["fresh"] and [g.group_id for g in dropped] == ["old"]
+    keep, dropped = apply_stale_policy([old, fresh], version=4, max_staleness=1, policy="train")
+    assert [g.group_id for g in keep] == ["old", "fresh"] and dropped == []
+    with pytest.raises(StaleGroupError, match=r"\['old'\] .* max_staleness=1 .* version 4"):
+        apply_stale_policy([old, fresh], version=4, max_staleness=1, policy="error")
+    assert apply_stale_policy([fresh], version=4, max_staleness=0, policy="error") == ([fresh], [])
+    with pytest.raises(ValueError, match="unknown stale policy"):
+        apply_stale_policy([old], version=4, max_staleness=0, policy="ignore")

@@ -117,3 +117,41 @@ def test_stopping_refuses_admissions_and_wakes_take(service, dealer) -> None:
     assert result == [[]]
     reply = admit(dealer)[0]
     assert not reply.granted and reply.stopping
+
+
+def test_closed_intake_refuses_new_groups_so_a_snapshot_is_final(service, dealer, tiny_vlm) -> None:
+    ids = tiny_vlm[1]
+    admit(dealer, 2)
+    assert ask(dealer, encode(make_group("kept", ids))).accepted
+    service.close_intake()
+    refused = ask(dealer, encode(make_group("late", ids, seed=1)))
+    assert isinstance(refused, ErrorReply) and refused.code == "overloaded" and refused.id == "late"
+    assert ask(dealer, encode(make_group("kept", ids))).duplicate  # a resend of an acked group is still acked
+    groups, seen, admission = service.snapshot()
+    assert [g.group_id for g in groups] == ["kept"] and seen == ["kept"]
+    assert admission == {"accepted": 1, "running": 1, "unexpected": 0}
+    assert service.metrics.counter("groups_refused_closed") == 1
+    service.open_intake()
+    assert ask(dealer, encode(make_group("late", ids, seed=1))).accepted
+
+
+def test_a_restored_service_serves_its_checkpointed_groups_first_and_knows_their_ids(tiny_vlm) -> None:
+    ids = tiny_vlm[1]
+    old = [make_group("old1", ids), make_group("old2", ids, seed=1)]
+    svc = TrajectoryService(AdmissionController(2, 1), restore=(old, ["trained0", "old1", "old2"]), version=3)
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 5000)
+    socket.connect(svc.endpoint)
+    try:
+        assert ask(socket, encode(make_group("trained0", ids))).duplicate  # trained before the restart
+        assert ask(socket, encode(make_group("new", ids, seed=2))).accepted
+        assert [g.group_id for g in svc.take(2, 1.0)] == ["old1", "old2"]
+        svc.requeue([old[1]])
+        assert [g.group_id for g in svc.take(2, 1.0)] == ["old2", "new"]
+        assert admit(socket)[0].version == 3
+    finally:
+        socket.close()
+        context.term()
+        svc.close()

@@ -5,32 +5,27 @@ another thread ends a run() blocked waiting for groups."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue as queue_module
 
 import msgspec
 import numpy as np
 import pytest
 import torch
-import zmq
 from safetensors import safe_open
 
 from learner.batch import pack_groups
-from learner.weights import buckets_to_state_dict
-from learner_worlds import free_port, make_group, rank_main, reference_main
+from learner_worlds import Dealer, expect, free_port, make_group, rank_main, reference_main
 from protocol import (
     AdmissionReply,
     AdmissionRequest,
     ErrorReply,
     GroupAck,
-    LearnerOutbound,
-    WeightBucket,
     WeightNone,
     WeightQuery,
-    decode,
     encode,
     from_ndarray,
     to_ndarray,
 )
+from protocol.weights import assemble_weight_buckets
 
 CFG = {
     "learner": {"world_size": 2, "lr": 1e-2, "grad_clip": 1.0, "micro_batch_tokens": 40, "weight_bucket_mb": 0.05,
@@ -38,37 +33,6 @@ CFG = {
     "algo": {"group_size": 4, "groups_per_step": 2, "max_staleness": 1, "correction": "decoupled"},
     "steps": 3,  # only one step's groups are sent: run() then blocks until stop() from another thread
 }
-
-
-class Dealer:
-    def __init__(self, endpoint: str) -> None:
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.RCVTIMEO, 30_000)
-        self.socket.connect(endpoint)
-
-    def ask(self, payload: bytes) -> list:
-        self.socket.send(payload)
-        replies = [decode(self.socket.recv(), LearnerOutbound)]
-        while isinstance(replies[0], WeightBucket) and len(replies) < replies[0].num_buckets:
-            replies.append(decode(self.socket.recv(), LearnerOutbound))
-        return replies
-
-    def close(self) -> None:
-        self.socket.close()
-        self.context.term()
-
-
-def expect(q, kind: str, timeout: float = 50.0):
-    try:
-        got, value = q.get(timeout=timeout)
-    except queue_module.Empty:
-        pytest.fail(f"no {kind!r} from the learner ranks within {timeout}s")
-    if got == "error":
-        pytest.fail(value)
-    assert got == kind, (got, value)
-    return value
 
 
 def checkpoint(path: str) -> dict[str, torch.Tensor]:
@@ -94,7 +58,7 @@ def test_two_ranks_train_through_the_zmq_endpoints_and_match_a_reference(tiny_vl
         trajectories, weights = Dealer(endpoints["trajectories"]), Dealer(endpoints["weights"])
         try:
             query = encode(WeightQuery(actor_id="t", have_version=-1))
-            initial_version, initial = buckets_to_state_dict(weights.ask(query))
+            initial_version, initial = assemble_weight_buckets(weights.ask(query))
             saved = checkpoint(f"{path}/model.safetensors")
             assert initial_version == 0 and set(initial) == set(saved)
             assert all(torch.equal(initial[k], saved[k]) for k in saved)
@@ -118,7 +82,7 @@ def test_two_ranks_train_through_the_zmq_endpoints_and_match_a_reference(tiny_vl
             assert row["loss_tokens"] == row["tokens_generated"] > 0
             assert 0.0 <= row["learner_idle_frac"] <= 1.0 and row["grad_norm"] > 0
 
-            version, updated = buckets_to_state_dict(weights.ask(encode(WeightQuery(actor_id="t", have_version=0))))
+            version, updated = assemble_weight_buckets(weights.ask(encode(WeightQuery(actor_id="t", have_version=0))))
             assert version == 1 and set(updated) == set(saved)
             changed = [k for k in saved if not torch.equal(updated[k], saved[k])]
             assert len(changed) > len(saved) // 2, f"only {changed} changed"
