@@ -22,7 +22,8 @@ ARG_TYPES = (str, bytes, int, float, bool)
 class ServerLimits:
     """Per-server limits; every field is a knob of conf/tool_servers/*.yaml `limits:`."""
 
-    max_frame_bytes: int = 8 * 1024 * 1024  # bigger frames get `too_large` (4x this drops the connection)
+    max_frame_bytes: int = 8 * 1024 * 1024  # bigger frames are read, then answered `too_large`
+    hard_frame_bytes: int = 256 * 1024 * 1024  # bigger frames are never read: ZMQ drops the connection, no reply
     max_image_pixels: int = 4096 * 4096  # width x height of an `image` argument, read from its header
     max_query_chars: int = 1024  # longest string argument
     max_queue: int = 256  # requests waiting per tool before new ones get `overloaded`
@@ -36,15 +37,15 @@ class ServerLimits:
             value = getattr(self, field.name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ServerLimits.{field.name} must be a non-negative number, got {value!r}")
-        for name in ("max_frame_bytes", "max_image_pixels", "max_query_chars", "max_queue", "max_batch",
-                     "max_concurrent_batches", "max_deadline_ms"):
+        for name in ("max_frame_bytes", "hard_frame_bytes", "max_image_pixels", "max_query_chars", "max_queue",
+                     "max_batch", "max_concurrent_batches", "max_deadline_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerLimits.{name} must be >= 1, got {getattr(self, name)!r}")
 
     @property
     def socket_max_frame_bytes(self) -> int:
-        """The hard cap given to ZMQ: frames above it close the connection without any reply."""
-        return 4 * self.max_frame_bytes
+        """The cap given to ZMQ (never below max_frame_bytes): frames above it close the connection, no reply."""
+        return max(self.hard_frame_bytes, self.max_frame_bytes)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "ServerLimits":

@@ -1,15 +1,20 @@
 """The tool server: one asyncio ZMQ ROUTER answering ToolRequests with micro-batched backend searches.
 
 Every request is answered exactly once and never after its deadline: a timer sends `timeout` just before the
-deadline, and a result that comes later is dropped (and counted). `ToolServerRole` runs a server on its own
-thread and event loop so that plain Python (or a Ray actor in launch.py) can start, query and stop it.
+deadline, and a result that comes later is dropped (and counted). A result cache answers repeated queries
+from memory on the event loop, or from disk in the worker thread before the backend is asked.
+`ToolServerRole` runs a server on its own thread and event loop so that plain Python (or a Ray actor in
+launch.py) can start, query and stop it.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import hmac
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -38,7 +43,8 @@ from protocol.messages import Message
 from protocol.metrics import Metrics
 from protocol.sockets import bind as bind_socket
 from protocol.sockets import configure, is_loopback_endpoint
-from tool_servers.backends import Backend, build_backend
+from tool_servers.backends import DEPLOYMENT_KEYS, Backend, BatchResult, build_backend
+from tool_servers.cache import CacheConfig, ResultCache
 from tool_servers.errors import ToolCallError
 from tool_servers.limits import ServerLimits, check_args
 
@@ -65,11 +71,12 @@ def _peek_id(frame: bytes) -> str:
 class _Pending:
     """A request between receipt and its one reply."""
 
-    identity: bytes
+    route: tuple[bytes, ...]  # the ROUTER identity, plus an empty delimiter frame for REQ peers
     request: ToolRequest
     received: float  # loop.time() at receipt
     timer: Optional[asyncio.TimerHandle] = None
     answered: bool = False
+    cache_key: Optional[str] = None
 
 
 @dataclass
@@ -87,12 +94,12 @@ class ToolServer:
 
     Loopback binds by default; binding beyond loopback requires a shared `token`, which every request must
     then carry (compared in constant time). All socket I/O happens on the event loop; backends run in
-    per-tool executor threads.
+    per-tool executor threads. `cache` (optional) is shared by all tools; its keys include the tool name.
     """
 
     def __init__(self, backends: Mapping[str, Backend], *, bind: str = "tcp://127.0.0.1:*",
                  token: str | None = None, limits: ServerLimits | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, cache: ResultCache | None = None) -> None:
         if not backends:
             raise ValueError("ToolServer needs at least one backend")
         if not is_loopback_endpoint(bind) and not token:
@@ -101,6 +108,7 @@ class ToolServer:
         self.bind = bind
         self.limits = limits or ServerLimits()
         self.metrics = metrics or Metrics()
+        self.cache = cache
         self.endpoint: str | None = None
         self._token = token.encode() if token else None
         self._socket: zmq.asyncio.Socket | None = None
@@ -111,7 +119,8 @@ class ToolServer:
         self._closed: asyncio.Event | None = None
         for code in ERROR_CODES:  # every code appears in stats, even at zero
             self.metrics.inc(f"error_{code}", 0.0)
-        for name in ("requests", "replies_ok", "expired_in_queue", "late_results_dropped", "undecodable_frames"):
+        for name in ("requests", "replies_ok", "expired_in_queue", "late_results_dropped", "undecodable_frames",
+                     "cache_hits", "cache_hits_disk", "cache_misses"):
             self.metrics.inc(name, 0.0)
 
     # ------------------------------------------------------------------ lifecycle
@@ -180,15 +189,28 @@ class ToolServer:
                 lane.backend.close()
             except Exception:
                 log.exception("closing backend %s failed", tool)
+        if self.cache is not None:
+            self.cache.close()
         self._socket.close(linger=0)
         log.info("tool server on %s stopped", self.endpoint)
         self._closed.set()
 
     def stats(self) -> dict[str, float]:
-        """Counters (requests, replies_ok, error_<code>, drops), latency_ms summary, queue depth."""
+        """Counters (requests, replies_ok, error_<code>, drops, cache_*), latency_ms summary, queue depth."""
         self.metrics.set("pending", len(self._pending))
         self.metrics.set("queued", sum(lane.queue.qsize() for lane in self._lanes.values()))
-        return self.metrics.snapshot()
+        if self.cache is not None:
+            hits, misses = self.metrics.counter("cache_hits"), self.metrics.counter("cache_misses")
+            entries, size = self.cache.sizes()
+            self.metrics.set("cache_hit_rate", hits / (hits + misses) if hits + misses else 0.0)
+            self.metrics.set("cache_entries", entries)
+            self.metrics.set("cache_bytes", size)
+        snapshot = self.metrics.snapshot()
+        for tool, lane in self._lanes.items():  # optional per-backend counters (web: requests, retries, 5xx...)
+            backend_stats = getattr(lane.backend, "stats", None)
+            if callable(backend_stats):
+                snapshot.update({f"{tool}_{name}": value for name, value in backend_stats().items()})
+        return snapshot
 
     # ------------------------------------------------------------------ receiving
 
@@ -202,13 +224,15 @@ class ToolServer:
                 log.exception("tool server failed to handle a frame")
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        identity, payloads = frames[0], frames[1:]
+        route, payloads = (frames[0],), frames[1:]
+        if len(payloads) == 2 and payloads[0] == b"":  # a REQ peer: keep its empty delimiter for the reply
+            route, payloads = (frames[0], b""), payloads[1:]
         if len(payloads) != 1:
-            self._frame_error(identity, "bad_request", f"expected 1 payload frame, got {len(payloads)}", "")
+            self._frame_error(route, "bad_request", f"expected 1 payload frame, got {len(payloads)}", "")
             return
         payload = payloads[0]
         if len(payload) > self.limits.max_frame_bytes:
-            self._frame_error(identity, "too_large",
+            self._frame_error(route, "too_large",
                               f"frame of {len(payload)} bytes exceeds the limit of {self.limits.max_frame_bytes}",
                               _peek_id(payload))
             return
@@ -216,25 +240,25 @@ class ToolServer:
             message = decode(payload, ToolInbound, max_frame_bytes=self.limits.max_frame_bytes)
         except (ProtocolError, ValueError) as exc:  # msgspec raises UnicodeDecodeError for invalid UTF-8
             self.metrics.inc("undecodable_frames")
-            self._frame_error(identity, "bad_request", str(exc), _peek_id(payload))
+            self._frame_error(route, "bad_request", str(exc), _peek_id(payload))
             return
         if not self._authorised(message.token):
-            self._frame_error(identity, "unauthorized", "missing or wrong token", message.id)
+            self._frame_error(route, "unauthorized", "missing or wrong token", message.id)
             return
         if isinstance(message, StatsRequest):
-            self._send(identity, StatsReply(id=message.id, stats=self.stats()))
+            self._send(route, StatsReply(id=message.id, stats=self.stats()))
             return
-        self._admit(identity, message)
+        self._admit(route, message)
 
     def _authorised(self, token: str | None) -> bool:
         if self._token is None:
             return True
         return token is not None and hmac.compare_digest(token.encode(), self._token)
 
-    def _admit(self, identity: bytes, request: ToolRequest) -> None:
-        """Check a decoded request and queue it, or answer it at once with its error."""
+    def _admit(self, route: tuple[bytes, ...], request: ToolRequest) -> None:
+        """Check a decoded request and answer it from the memory cache, or queue it, or answer its error."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(identity=identity, request=request, received=loop.time())
+        pending = _Pending(route=route, request=request, received=loop.time())
         self.metrics.inc("requests")
         self._pending.add(pending)
         lane = self._lanes.get(request.tool)
@@ -251,6 +275,13 @@ class ToolServer:
                 )
             check_args(request.args, self.limits)
             lane.backend.validate(request.args)
+            if self.cache is not None:
+                pending.cache_key = self.cache.key(request.tool, request.args)
+                items = self.cache.get_memory(pending.cache_key)
+                if items is not None:
+                    self.metrics.inc("cache_hits")
+                    self._answer(pending, items=items, cached=True)
+                    return
             lane.queue.put_nowait(pending)
         except ToolCallError as exc:
             self._answer(pending, error=exc)
@@ -291,20 +322,19 @@ class ToolServer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         batch_error: Exception | None = None
+        cached = [False] * len(batch)
         try:
-            results = await loop.run_in_executor(
-                lane.executor, lane.backend.search_batch, [dict(p.request.args) for p in batch]
+            results, cached = await loop.run_in_executor(
+                lane.executor, self._run_batch, tool, lane.backend,
+                [dict(p.request.args) for p in batch], [p.cache_key for p in batch],
             )
-            if not isinstance(results, list) or len(results) != len(batch):
-                raise TypeError(f"search_batch returned {type(results).__name__} of length "
-                                f"{len(results) if isinstance(results, list) else '?'} for {len(batch)} requests")
         except Exception as exc:
             log.warning("%s search_batch of %d failed: %s: %s", tool, len(batch), type(exc).__name__, exc)
             batch_error = exc
             results = [exc] * len(batch)
         self.metrics.observe("batch_size", len(batch))
         self.metrics.observe(f"backend_ms_{tool}", (loop.time() - started) * 1000.0)
-        for pending, result in zip(batch, results):
+        for pending, result, hit in zip(batch, results, cached):
             if pending.answered:
                 self.metrics.inc("late_results_dropped")
             elif isinstance(result, BaseException):
@@ -313,16 +343,55 @@ class ToolServer:
                 if error.code == "backend_error" and result is not batch_error:  # batch failures logged above
                     log.warning("%s request %s failed: %s", tool, pending.request.id, error.message)
                 self._answer(pending, error=error)
-            elif not all(isinstance(item, ToolItem) for item in result):
-                self._answer(pending, error=ToolCallError(
-                    "backend_error", f"{tool} returned {[type(i).__name__ for i in result]} instead of ToolItems"))
             else:
-                self._answer(pending, items=result)
+                self._answer(pending, items=result, cached=hit)
+
+    def _run_batch(self, tool: str, backend: Backend, batch: list[dict[str, Any]],
+                   keys: list[str | None]) -> tuple[list[BatchResult], list[bool]]:
+        """In the executor: disk-cache lookups, one search_batch for the rest (duplicates searched once), stores.
+
+        Raises when search_batch raises or breaks its contract (that fails the whole batch).
+        """
+        results: list[BatchResult | None] = [None] * len(batch)
+        cached = [False] * len(batch)
+        todo: dict[str, list[int]] = {}  # one search per distinct key; uncached requests get their own slot
+        for i, key in enumerate(keys):
+            if key is not None and self.cache is not None:
+                # memory again: an identical request queued earlier may have filled it since admission
+                hit = self.cache.get_memory(key)
+                if hit is None and self.cache.has_disk:
+                    hit = self.cache.get_disk(key)
+                    if hit is not None:
+                        self.metrics.inc("cache_hits_disk")
+                if hit is not None:
+                    self.metrics.inc("cache_hits")
+                    results[i], cached[i] = hit, True
+                    continue
+            todo.setdefault(key if key is not None else f"#{i}", []).append(i)
+        if todo:
+            if self.cache is not None:
+                self.metrics.inc("cache_misses", sum(len(slots) for slots in todo.values()))
+            firsts = [slots[0] for slots in todo.values()]
+            found = backend.search_batch([batch[i] for i in firsts])
+            if not isinstance(found, list) or len(found) != len(firsts):
+                raise TypeError(f"search_batch returned {type(found).__name__} of length "
+                                f"{len(found) if isinstance(found, list) else '?'} for {len(firsts)} requests")
+            for (key, slots), result in zip(todo.items(), found):
+                if not isinstance(result, BaseException):
+                    if not isinstance(result, list) or not all(isinstance(item, ToolItem) for item in result):
+                        result = TypeError(f"{tool} returned {type(result).__name__} "
+                                           f"{[type(i).__name__ for i in result] if isinstance(result, list) else ''}"
+                                           f" instead of a list of ToolItems")
+                    elif self.cache is not None and keys[slots[0]] is not None:
+                        self.cache.put(key, result)
+                for i in slots:
+                    results[i] = result
+        return results, cached
 
     # ------------------------------------------------------------------ replying
 
     def _answer(self, pending: _Pending, *, items: list[ToolItem] | None = None,
-                error: ToolCallError | None = None) -> None:
+                error: ToolCallError | None = None, cached: bool = False) -> None:
         """Send the one reply of a request (no-op when it was already answered)."""
         if pending.answered:
             return
@@ -335,43 +404,81 @@ class ToolServer:
         request = pending.request
         if error is None:
             self.metrics.inc("replies_ok")
-            reply = ToolReply(id=request.id, ok=True, items=items or [], server_ms=server_ms)
+            reply = ToolReply(id=request.id, ok=True, items=items or [], cached=cached, server_ms=server_ms)
         else:
             self.metrics.inc(f"error_{error.code}")
             if error.code not in ("timeout", "overloaded", "backend_error"):
                 log.info("%s request %s rejected: %s", request.tool, request.id, error)
             reply = ToolReply(id=request.id, ok=False, error=ToolError(code=error.code, message=error.message),
                               server_ms=server_ms)
-        self._send(pending.identity, reply)
+        self._send(pending.route, reply)
 
-    def _frame_error(self, identity: bytes, code: str, message: str, request_id: str) -> None:
+    def _frame_error(self, route: tuple[bytes, ...], code: str, message: str, request_id: str) -> None:
         self.metrics.inc(f"error_{code}")
         log.info("rejected frame (id %r) with %s: %s", request_id, code, message)
-        self._send(identity, ErrorReply(code=code, message=message, id=request_id))
+        self._send(route, ErrorReply(code=code, message=message, id=request_id))
 
-    def _send(self, identity: bytes, message: Message) -> None:
+    def _send(self, route: tuple[bytes, ...], message: Message) -> None:
         assert self._socket is not None
         try:
             # ROUTER never blocks: it drops replies to peers that are gone or over their high-water mark.
-            self._socket.send_multipart([identity, encode(message)], flags=zmq.NOBLOCK)
+            self._socket.send_multipart([*route, encode(message)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.metrics.inc("send_failures")
-            log.warning("reply to %r failed: %s", identity, exc)
+            log.warning("reply to %r failed: %s", route[0], exc)
+
+
+def cache_namespace(tool: str, backend_cfg: Mapping[str, Any]) -> str:
+    """A cache namespace that changes whenever the backend would answer differently: its knobs and its corpus.
+
+    The corpus file's size and modification time stand in for its content, so a rebuilt corpus starts a fresh
+    namespace in a shared on-disk store.
+    """
+    knobs = {k: v for k, v in backend_cfg.items() if k not in DEPLOYMENT_KEYS or k == "backend"}
+    corpus = knobs.get("corpus")
+    if corpus is not None and os.path.exists(str(corpus)):
+        stat = os.stat(str(corpus))
+        knobs["corpus_stat"] = [stat.st_size, stat.st_mtime_ns]
+    text = json.dumps({"tool": tool, **knobs}, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def build_cache(tool: str, backend_cfg: Mapping[str, Any]) -> ResultCache | None:
+    """The ResultCache described by the section's `cache:` mapping (None when absent or disabled)."""
+    config = CacheConfig.from_mapping(backend_cfg.get("cache"))
+    if backend_cfg.get("cache") is None or not config.enabled:
+        return None
+    return ResultCache(config, namespace=cache_namespace(tool, backend_cfg))
+
+
+def advertised(endpoint: str, host: str | None) -> str:
+    """`endpoint` with a wildcard bind address (0.0.0.0, ::, *) replaced by `host`, for clients elsewhere."""
+    if host is None:
+        return endpoint
+    for wildcard in ("0.0.0.0", "[::]", "*"):
+        if f"://{wildcard}:" in endpoint:
+            return endpoint.replace(f"://{wildcard}:", f"://{host}:", 1)
+    return endpoint
 
 
 class ToolServerRole:
     """A ToolServer for one tool on a background thread with its own event loop (plain Python, no Ray).
 
-    `backend_cfg` is the tool's conf section (see build_backend); `limits` the conf `limits:` mapping.
+    `backend_cfg` is the tool's conf section (see build_backend; its optional `cache:` mapping builds the
+    server's ResultCache); `limits` the conf `limits:` mapping. `advertise_host` replaces a wildcard bind
+    address in the returned endpoint (replicas on other hosts bind 0.0.0.0 and need a token).
     """
 
     def __init__(self, tool: str, backend_cfg: Mapping[str, Any], bind: str = "tcp://127.0.0.1:*", *,
-                 limits: ServerLimits | Mapping[str, Any] | None = None, token: str | None = None) -> None:
+                 limits: ServerLimits | Mapping[str, Any] | None = None, token: str | None = None,
+                 advertise_host: str | None = None) -> None:
         self.tool = tool
         self.backend_cfg = dict(backend_cfg)
         self.bind = bind
         self.limits = limits if isinstance(limits, ServerLimits) else ServerLimits.from_mapping(limits)
         self.token = token
+        self.advertise_host = advertise_host
+        CacheConfig.from_mapping(self.backend_cfg.get("cache"))  # typos in the cache section fail here, early
         self.endpoint: str | None = None
         self._server: ToolServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -382,7 +489,9 @@ class ToolServerRole:
         if self._thread is not None:
             raise RuntimeError(f"ToolServerRole({self.tool}) already started on {self.endpoint}")
         backend = build_backend(self.tool, self.backend_cfg)
-        self._server = ToolServer({self.tool: backend}, bind=self.bind, token=self.token, limits=self.limits)
+        cache = build_cache(self.tool, self.backend_cfg)
+        self._server = ToolServer({self.tool: backend}, bind=self.bind, token=self.token, limits=self.limits,
+                                  cache=cache)
         self._loop = asyncio.new_event_loop()
         started: concurrent.futures.Future[str] = concurrent.futures.Future()
 
@@ -391,8 +500,11 @@ class ToolServerRole:
             try:
                 started.set_result(self._loop.run_until_complete(self._server.start()))
             except BaseException as exc:
-                started.set_exception(exc)
                 self._loop.close()
+                backend.close()  # a web backend holds a session thread; a failed start must not leak it
+                if cache is not None:
+                    cache.close()
+                started.set_exception(exc)
                 return
             self._loop.run_until_complete(self._server.serve_forever())
             self._loop.close()
@@ -400,7 +512,7 @@ class ToolServerRole:
         self._thread = threading.Thread(target=run, name=f"tool-server-{self.tool}", daemon=True)
         self._thread.start()
         try:
-            self.endpoint = started.result(timeout=timeout_s)
+            self.endpoint = advertised(started.result(timeout=timeout_s), self.advertise_host)
         except BaseException:
             self._thread.join(timeout=5.0)
             self._thread = None

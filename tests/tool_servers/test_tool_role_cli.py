@@ -1,6 +1,7 @@
 """ToolServerRole (a server on its own thread), SyncToolClient, and `python -m tool_servers` as a process."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import zmq
 
 from tool_servers import SyncToolClient, ToolCallError, ToolServerRole
+from tool_servers.discovery import read_discovery
 from ts_helpers import draw_entity, perturb, png
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +83,79 @@ def test_cli_serves_queries_and_stops_on_sigterm(text_corpus, tmp_path):
             assert out.returncode == 1 and "error unauthorized" in out.stderr
             server.send_signal(signal.SIGTERM)
             assert server.wait(timeout=10) == 0, log_path.read_text()
+        finally:
+            if server.poll() is None:
+                server.kill()
+
+
+def test_cli_with_config_cache_and_discovery(text_corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    discovery = tmp_path / "replicas.json"
+    serve = [sys.executable, "-m", "tool_servers", "serve", "--tool", "text_search", "--config",
+             str(REPO / "conf/tool_servers/local.yaml"), "--corpus", str(text_corpus), "--cache-entries", "16",
+             "--discovery", str(discovery)]
+    with subprocess.Popen(serve, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True) as server:
+        try:
+            endpoint = server.stdout.readline().split()[-1]
+            assert read_discovery(discovery) == {"text_search": [endpoint]}
+            query = [sys.executable, "-m", "tool_servers", "query", "--discovery", str(discovery),
+                     "--tool", "text_search", "--query", "Who built the clock tower"]
+            outs = [subprocess.run(query, cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+                    for _ in range(2)]
+            assert all(o.returncode == 0 and "[0] Harrow" in o.stdout for o in outs), outs
+            assert "[1] " in outs[0].stdout  # top_k 2 from the conf file
+            assert "from cache" not in outs[0].stdout and "from cache" in outs[1].stdout
+            stats = subprocess.run([sys.executable, "-m", "tool_servers", "stats", "--discovery", str(discovery),
+                                    "--tool", "text_search"], cwd=REPO, env=env, capture_output=True, text=True,
+                                   timeout=30)
+            assert stats.returncode == 0 and json.loads(stats.stdout)[endpoint]["cache_hits"] == 1
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=10) == 0
+            assert read_discovery(discovery) == {}  # a stopped replica takes itself out
+        finally:
+            if server.poll() is None:
+                server.kill()
+
+
+def test_cli_builds_the_wiki_corpus(tmp_path):
+    out = tmp_path / "wiki.jsonl"
+    done = subprocess.run([sys.executable, "-m", "tool_servers", "build-corpus", "wiki", str(out), "--limit", "20"],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "wrote 20 pages" in done.stdout, done.stderr
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [f"wiki-en-us-{k}" for k in range(20)]
+
+
+def test_cli_gateway_fronts_a_served_tool(text_corpus):
+    import urllib.request
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    serve = [sys.executable, "-m", "tool_servers", "serve", "--tool", "text_search", "--corpus", str(text_corpus)]
+    with subprocess.Popen(serve, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True) as server:
+        try:
+            endpoint = server.stdout.readline().split()[-1]
+            gateway_cmd = [sys.executable, "-m", "tool_servers", "gateway", "--endpoint", f"text_search={endpoint}",
+                           "--http", "127.0.0.1:0"]
+            with subprocess.Popen(gateway_cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True) as gateway:
+                try:
+                    line = gateway.stdout.readline()
+                    url = line.split()[2]
+                    assert line.startswith("gateway: http http://127.0.0.1:") and line.split()[-1] == "off"
+                    body = json.dumps({"query": "who built the clock tower"}).encode()
+                    request = urllib.request.Request(f"{url}/v1/tools/text_search", data=body, method="POST")
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        answer = json.loads(response.read())
+                    assert answer["ok"] and answer["items"][0]["title"] == "Harrow"
+                    gateway.send_signal(signal.SIGTERM)
+                    assert gateway.wait(timeout=10) == 0
+                finally:
+                    if gateway.poll() is None:
+                        gateway.kill()
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=10) == 0
         finally:
             if server.poll() is None:
                 server.kill()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import msgspec
@@ -10,11 +9,26 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from protocol import ErrorReply, StatsRequest, ToolOutbound, ToolReply, ToolRequest, decode, encode
+from protocol import StatsRequest, ToolOutbound, ToolReply, decode, encode
 from tool_servers import ServerLimits, ToolCallError, ToolClient, ToolServer
 from tool_servers.backends.local_image import LocalImageSearch
 from tool_servers.backends.local_text import LocalTextSearch
-from ts_helpers import NUM_IMAGES, PAGES, FakeBackend, draw_entity, perturb, png, run
+from tool_servers.discovery import read_discovery, register, unregister
+from ts_helpers import (
+    NUM_IMAGES,
+    PAGES,
+    FakeBackend,
+    client_of,
+    code_of,
+    draw_entity,
+    exchange,
+    perturb,
+    png,
+    raw_peer,
+    request,
+    run,
+    serving,
+)
 from PIL import Image
 
 SLACK_S = 0.05  # scheduling noise allowed on a shared 2-core machine
@@ -23,53 +37,6 @@ SLACK_S = 0.05  # scheduling noise allowed on a shared 2-core machine
 @pytest.fixture(scope="module")
 def backends(image_corpus, text_corpus):
     return {"image_search": LocalImageSearch(image_corpus, top_k=3), "text_search": LocalTextSearch(text_corpus)}
-
-
-@contextlib.asynccontextmanager
-async def serving(backends, **kwargs):
-    server = ToolServer(backends, **kwargs)
-    endpoint = await server.start()
-    try:
-        yield server, endpoint
-    finally:
-        await server.stop(timeout_s=5.0)
-
-
-@contextlib.asynccontextmanager
-async def client_of(*endpoints, **kwargs):
-    client = ToolClient(list(endpoints), **kwargs)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@contextlib.asynccontextmanager
-async def raw_peer(endpoint):
-    """A bare DEALER, for sending frames a ToolClient never would."""
-    socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(endpoint)
-    try:
-        yield socket
-    finally:
-        socket.close()
-
-
-async def exchange(socket, *frames: bytes, timeout_s: float = 2.0):
-    await socket.send_multipart(list(frames))
-    reply = await asyncio.wait_for(socket.recv(), timeout_s)
-    return decode(reply, ToolOutbound)
-
-
-def request(id="r1", tool="text_search", args=None, **kwargs) -> bytes:
-    return encode(ToolRequest(id=id, tool=tool, args={"query": "otter"} if args is None else args, **kwargs))
-
-
-def code_of(reply) -> str:
-    if isinstance(reply, ErrorReply):
-        return reply.code
-    return "ok" if reply.ok else reply.error.code
 
 
 # ---------------------------------------------------------------- normal path
@@ -363,4 +330,101 @@ def test_stats_count_requests_errors_and_latency(backends):
             assert s["requests_text_search"] == 2 and s["requests_image_search"] == 1
             assert s["latency_ms_count"] == 4 and 0 < s["latency_ms_p50"] <= s["latency_ms_p99"] < 1000
             assert (await client.stats())[endpoint]["requests"] == 4
+    run(main())
+
+
+# ---------------------------------------------------------------- other peers, discovery, health
+
+
+def test_a_req_socket_peer_is_answered(backends):
+    """REQ sockets (any ZMQ binding's simplest client) add an empty delimiter frame; replies keep it."""
+    async def main():
+        async with serving(backends) as (_, endpoint):
+            socket = zmq.asyncio.Context.instance().socket(zmq.REQ)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(endpoint)
+            try:
+                for k in range(2):  # REQ enforces send/recv turns: a second round proves the envelope was right
+                    await socket.send(request(id=f"req{k}"))
+                    reply = decode(await asyncio.wait_for(socket.recv(), 2.0), ToolOutbound)
+                    assert reply.id == f"req{k}" and reply.items[0].title == "Pondle"
+            finally:
+                socket.close()
+    run(main())
+
+
+def test_discovery_file_lists_replicas_and_is_followed(tmp_path, text_corpus):
+    path = tmp_path / "replicas.json"
+    backends = {"text_search": LocalTextSearch(text_corpus)}
+
+    async def main():
+        async with serving(backends) as (_, a), serving(backends) as (server_b, b):
+            register(path, "text_search", a)
+            register(path, "image_search", "tcp://127.0.0.1:1")
+            client = ToolClient.from_discovery(path, "text_search", refresh_s=0.0)
+            try:
+                assert (await client.call("text_search", {"query": "otter"})).ok
+                assert list(client.health()) == [a]
+                register(path, "text_search", b)
+                for _ in range(40):  # the file changed: b joins; least-outstanding routing soon uses it
+                    await asyncio.gather(*(client.call("text_search", {"query": "otter"}) for _ in range(4)))
+                    if server_b.stats()["replies_ok"]:
+                        break
+                assert set(client.health()) == {a, b} and server_b.stats()["replies_ok"] > 0
+                unregister(path, "text_search", a)
+                await client.call("text_search", {"query": "otter"})
+                assert list(client.health()) == [b]
+            finally:
+                await client.close()
+    run(main())
+    assert read_discovery(path)["image_search"] == ["tcp://127.0.0.1:1"] and len(read_discovery(path)) == 2
+    with pytest.raises(ValueError, match="lists no replicas"):
+        ToolClient.from_discovery(path, "maps")
+    path.write_text('{"text_search": "tcp://not-a-list"}')
+    with pytest.raises(ValueError, match="expected"):
+        read_discovery(path)
+
+
+def test_health_reports_connections_and_errors(backends):
+    async def main():
+        async with serving(backends) as (server, endpoint), client_of(endpoint) as client:
+            assert await client.wait_connected(2.0)
+            await client.call("text_search", {"query": "otter"})
+            with pytest.raises(ToolCallError):
+                await client.call("text_search", {"query": ""})
+            health = client.health()[endpoint]
+            assert health["connected"] and health["replies_ok"] == 1 and health["errors"] == 1
+            assert health["last_error"] == "bad_request" and health["outstanding"] == 0
+            await server.stop()  # a graceful stop also closes the connection
+            for _ in range(100):
+                if not client.health()[endpoint]["connected"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert client.health()[endpoint]["disconnects"] == 1
+            assert client.metrics.snapshot()["replicas_connected"] == 0
+    run(main())
+
+
+def test_a_client_written_from_the_readme_alone(backends):
+    """Plain msgpack (not msgspec) and a bare DEALER, as a client in another language would do it."""
+    import msgpack
+
+    async def main():
+        async with serving(backends, token="t0k") as (_, endpoint), raw_peer(endpoint) as peer:
+            await peer.send(msgpack.packb({"type": "tool_request", "id": "x1", "tool": "image_search",
+                                           "args": {"image": png(draw_entity(4))}, "deadline_ms": 3000,
+                                           "token": "t0k"}, use_bin_type=True))
+            reply = msgpack.unpackb(await asyncio.wait_for(peer.recv(), 2.0), raw=False)
+            assert reply["type"] == "tool_reply" and reply["id"] == "x1" and reply["ok"] is True
+            assert reply["items"][0]["title"] == "Entity 4" and isinstance(reply["items"][0]["image"], bytes)
+            assert set(reply) == {"type", "v", "id", "ok", "items", "error", "cached", "server_ms"}
+            # minimal request: defaults for v and deadline_ms; no token -> an `error` message
+            await peer.send(msgpack.packb({"type": "tool_request", "id": "x2", "tool": "text_search",
+                                           "args": {"query": "otter"}}))
+            reply = msgpack.unpackb(await asyncio.wait_for(peer.recv(), 2.0), raw=False)
+            assert reply == {"type": "error", "v": 1, "id": "x2", "code": "unauthorized",
+                             "message": "missing or wrong token"}
+            await peer.send(msgpack.packb({"type": "stats_request", "id": "s1", "token": "t0k"}))
+            reply = msgpack.unpackb(await asyncio.wait_for(peer.recv(), 2.0), raw=False)
+            assert reply["type"] == "stats_reply" and reply["stats"]["replies_ok"] == 1.0
     run(main())

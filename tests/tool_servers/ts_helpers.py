@@ -1,15 +1,20 @@
-"""Helpers for tool_servers tests: drawn entity images, a tiny page corpus and a scriptable backend."""
+"""Helpers for tool_servers tests: drawn entity images, a tiny page corpus, a scriptable backend, and servers,
+clients and raw peers on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import zmq
+import zmq.asyncio
 from PIL import Image, ImageDraw
 
-from protocol import ToolItem
+from protocol import ErrorReply, ToolItem, ToolOutbound, ToolRequest, decode, encode
+from tool_servers import ToolClient, ToolServer
 
 COLOURS = [(220, 40, 40), (40, 160, 60), (40, 70, 220), (230, 200, 30), (160, 50, 200), (30, 190, 200)]
 SHAPES = ["circle", "square", "triangle", "cross"]
@@ -95,3 +100,49 @@ class FakeBackend:
     def close(self) -> None:
         pass
 
+
+@contextlib.asynccontextmanager
+async def serving(backends, **kwargs):
+    server = ToolServer(backends, **kwargs)
+    endpoint = await server.start()
+    try:
+        yield server, endpoint
+    finally:
+        await server.stop(timeout_s=5.0)
+
+
+@contextlib.asynccontextmanager
+async def client_of(*endpoints, **kwargs):
+    client = ToolClient(list(endpoints), **kwargs)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_peer(endpoint):
+    """A bare DEALER, for sending frames a ToolClient never would."""
+    socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    try:
+        yield socket
+    finally:
+        socket.close()
+
+
+async def exchange(socket, *frames: bytes, timeout_s: float = 2.0):
+    await socket.send_multipart(list(frames))
+    reply = await asyncio.wait_for(socket.recv(), timeout_s)
+    return decode(reply, ToolOutbound)
+
+
+def request(id="r1", tool="text_search", args=None, **kwargs) -> bytes:
+    return encode(ToolRequest(id=id, tool=tool, args={"query": "otter"} if args is None else args, **kwargs))
+
+
+def code_of(reply) -> str:
+    if isinstance(reply, ErrorReply):
+        return reply.code
+    return "ok" if reply.ok else reply.error.code

@@ -1,4 +1,4 @@
-"""The `Backend` interface every search engine behind a tool server implements (local indexes now; web later)."""
+"""The `Backend` interface every search engine behind a tool server implements (local, web, simulated)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -33,3 +33,7 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release files, sessions or threads; the server calls it once after its last batch."""
         ...
+
+
+# Optional: a backend may also define `stats() -> dict[str, float]` (its own counters, e.g. HTTP retries);
+# the server merges them into its stats as `<tool>_<name>`.

