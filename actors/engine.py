@@ -93,7 +93,7 @@ class VllmEngine:
         if not (self.model_path / "config.json").is_file():
             raise FileNotFoundError(f"no HF model folder at {self.model_path} (config.json missing)")
         self.cfg = cfg
-        self.run_dir = Path(run_dir).resolve()
+        self.run_dir = Path(os.path.abspath(run_dir))  # not resolve(): keep a short socket-safe alias
         self.cache_dir = Path(cache_dir).resolve()
         self.max_model_len = max_model_len
         self.max_images = max_images

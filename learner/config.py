@@ -53,6 +53,7 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     # advantages
     eps: float = 1e-6
+    temperature: float = 1.0  # logits are divided by this before log-probs; must equal the actors' sampling temperature
     std_normalize: bool = True
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class AlgoConfig:
             raise ValueError(f"algo.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
         if self.kl_coef < 0.0 or self.entropy_coef < 0.0:
             raise ValueError(f"need kl_coef>=0 and entropy_coef>=0; got {self.kl_coef}, {self.entropy_coef}")
+        if self.temperature <= 0.0:
+            raise ValueError(f"algo.temperature must be > 0, got {self.temperature}")
         if self.eps <= 0.0:
             raise ValueError(f"algo.eps must be > 0, got {self.eps}")
 

@@ -79,12 +79,15 @@ def shard_model(model: nn.Module, device_type: str, world_size: int, precision: 
 
 
 def forward_logprobs(model: nn.Module, batch: MicroBatch, device: torch.device, dtype: torch.dtype,
-                     entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     entropy_grad: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(x_t | x_<t), entropy of π(· | x_<t)) per sample token, both [S, T] in the batch's sample layout.
 
     The logits at t − 1 score token t; position 0 of a row (no context) gets 0. The entropy carries a gradient
-    only when `entropy_grad` (an entropy bonus is on); otherwise it is a metric."""
+    only when `entropy_grad` (an entropy bonus is on); otherwise it is a metric. Logits are divided by
+    `temperature` first, so that π matches the behaviour policy the engine sampled from."""
     logits = model(**batch.model_inputs(device, dtype), use_cache=False).logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = batch.input_ids[:, 1:].to(device)
     shifted = logits[:, :-1]
     picked = torch.gather(shifted, -1, targets.unsqueeze(-1)).squeeze(-1)
@@ -95,9 +98,10 @@ def forward_logprobs(model: nn.Module, batch: MicroBatch, device: torch.device, 
     return logp.reshape(-1)[index], entropy.reshape(-1)[index]
 
 
-def token_logprobs(model: nn.Module, batch: MicroBatch, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def token_logprobs(model: nn.Module, batch: MicroBatch, device: torch.device, dtype: torch.dtype,
+                   temperature: float = 1.0) -> torch.Tensor:
     """log π(x_t | x_<t) per sample token, [S, T] (see forward_logprobs)."""
-    return forward_logprobs(model, batch, device, dtype)[0]
+    return forward_logprobs(model, batch, device, dtype, temperature=temperature)[0]
 
 
 class Trainer:
@@ -163,9 +167,11 @@ class Trainer:
         ref: list[Optional[torch.Tensor]] = [None] * len(batches)
         with torch.no_grad():
             if algo.needs_proximal:
-                prox = [token_logprobs(self.model, mb, self.device, self.compute_dtype) for mb in batches]
+                prox = [token_logprobs(self.model, mb, self.device, self.compute_dtype, algo.temperature)
+                        for mb in batches]
             if self.reference is not None:
-                ref = [token_logprobs(self.reference, mb, self.device, self.compute_dtype) for mb in batches]
+                ref = [token_logprobs(self.reference, mb, self.device, self.compute_dtype, algo.temperature)
+                       for mb in batches]
 
         denominator = max(1, plan.total_tokens if algo.agg == "token_mean" else plan.total_seqs)
         self.optimizer.zero_grad(set_to_none=True)
@@ -174,7 +180,7 @@ class Trainer:
         weight_max = torch.zeros(1, dtype=torch.float64)
         for mb, prox_mb, ref_mb in zip(batches, prox, ref):
             logp, entropy = forward_logprobs(self.model, mb, self.device, self.compute_dtype,
-                                             entropy_grad=algo.entropy_coef > 0)
+                                             entropy_grad=algo.entropy_coef > 0, temperature=algo.temperature)
             mask = mb.loss_mask.to(self.device)
             kl_sum = entropy_sum = 0.0
             try:

@@ -159,3 +159,21 @@ def test_packed_log_probs_equal_padded_log_probs(tiny_vlm, collators, model) -> 
     with torch.no_grad():
         leaky, _ = forward_logprobs(model, packed, cpu, torch.float32)
     assert (padded_logp - leaky)[mask].abs().max().item() > 1e-3
+
+
+def test_log_probs_are_scored_at_the_behaviour_temperature(tiny_vlm, collators, model) -> None:
+    """log π_T(x) = log softmax(z / T)[x]: at T = 2 the per-token log-probs follow the tempered distribution."""
+    ids = tiny_vlm[1]
+    samples = samples_from_groups([make_group("a", ids, rewards=(1.0, 0.0))], AlgoConfig())
+    batch = collators[0](samples)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        plain, _ = forward_logprobs(model, batch, cpu, torch.float32)
+        tempered, _ = forward_logprobs(model, batch, cpu, torch.float32, temperature=2.0)
+        logits = model(**batch.model_inputs(cpu, torch.float32), use_cache=False).logits.float()
+    targets = batch.input_ids[:, 1:]
+    expected = torch.log_softmax(logits[:, :-1] / 2.0, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    expected = torch.nn.functional.pad(expected, (1, 0)).reshape(-1)[batch.token_index]
+    mask = batch.loss_mask
+    assert (tempered - expected)[mask].abs().max().item() < 1e-5
+    assert (tempered - plain)[mask].abs().max().item() > 1e-3
