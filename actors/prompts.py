@@ -75,3 +75,17 @@ def information_message(results: list[tuple[str, str, bool]]) -> dict:
             parts.append({"type": "text", "text": text_result_text(title, text)})
     parts.append({"type": "text", "text": INFO_CLOSE + "\n" + CONTINUE_INSTRUCTION})
     return {"role": "user", "content": parts}
+
+
+# In-band text of a failed search (MMSearch-R1's wording): the model is told the tool failed, not that it found
+# nothing, and reasons on without it.
+SEARCH_ERROR = "There is an error encountered in performing search. Please reason with your own capabilities."
+
+# In-band text when a search is refused because its limit is reached (actors.episode.on_search_over_limit=inform).
+SEARCH_LIMIT = "The search limit is reached. Please reason with your own capabilities and give the final answer."
+
+
+def notice_message(text: str) -> dict:
+    """A tool-result user turn that carries a notice instead of hits (`SEARCH_ERROR`, `SEARCH_LIMIT`)."""
+    parts = [{"type": "text", "text": INFO_OPEN + "\n" + text + "\n" + INFO_CLOSE + "\n" + CONTINUE_INSTRUCTION}]
+    return {"role": "user", "content": parts}

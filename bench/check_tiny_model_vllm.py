@@ -18,6 +18,9 @@ from pathlib import Path
 
 log = logging.getLogger("check_tiny_model_vllm")
 
+# Python puts this script's folder first on sys.path, where bench/actors.py would shadow the actors package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 
 def _engine_env(run_dir: Path) -> None:
     # ENV.md: keep vLLM's caches and sockets inside a directory we own, loopback only, no telemetry.
@@ -94,11 +97,10 @@ def main() -> int:
     print(f"tag format: {formatted}/{len(rows)}; vLLM == transformers greedy: {matched}/{len(rows)}")
 
     # The chat path: vLLM applies the folder's chat template to OpenAI-style image parts.
-    png = rows[0]["image"]
-    url = "data:image/png;base64," + base64.b64encode(png).decode()
-    chat = llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                  {"type": "text", "text": prompts.first_user_text(rows[0]["question"])}]}],
-                    params)
+    url = "data:image/png;base64," + base64.b64encode(rows[0]["image"]).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}},
+               {"type": "text", "text": prompts.first_user_text(rows[0]["question"])}]
+    chat = llm.chat([{"role": "user", "content": content}], params)
     chat_text = chat[0].outputs[0].text
     print(f"llm.chat -> {chat_text!r} (same as generate: {chat_text == outputs[0].outputs[0].text})")
     ok = formatted == len(rows) and chat_text == outputs[0].outputs[0].text

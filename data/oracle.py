@@ -92,8 +92,8 @@ class _Renamer:
     """Consistent entity-name substitution for one episode (identity when not swapping)."""
 
     def __init__(self, world: World, rng: np.random.Generator, swap: bool) -> None:
-        self._world, self._rng, self._swap = world, rng, swap
-        self._taken: set[str] = set(world.names())
+        self._rng, self._swap = rng, swap
+        self._taken: set[str] = set(world.names()) if swap else set()
         self.mapping: dict[str, str] = {}
 
     def __call__(self, name: str) -> str:

@@ -85,8 +85,8 @@ def random_perturbation(rng: np.random.Generator, max_shift: float = 2.0, bright
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     def ring_points(n: int, radius: float, start: float) -> list[tuple[float, float]]:
-        return [(cx + radius * math.cos(start + 2 * math.pi * i / n), cy + radius * math.sin(start + 2 * math.pi * i / n))
-                for i in range(n)]
+        angles = [start + 2 * math.pi * i / n for i in range(n)]
+        return [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in angles]
 
     if shape == "triangle":
         return ring_points(3, r, -math.pi / 2)

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +81,14 @@ class WorldConfig:
     num_makers: int = 20
     year_min: int = 1600
     year_max: int = 1999
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> WorldConfig:
+        """From a plain mapping (e.g. conf/data without its cache_root); unknown keys raise ValueError."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown world config keys: {sorted(unknown)}")
+        return cls(**values)
 
     def validate(self) -> None:
         max_entities = len(SHAPES) * len(COLOURS) * len(PATTERNS)
@@ -285,8 +293,8 @@ def make_image_corpus(cfg: WorldConfig, entities: list[Entity]) -> list[dict]:
     rows = []
     for e in entities:
         for c in range(cfg.corpus_copies):
-            rows.append({"id": f"img-{e.name}-{c}", "image": _rendering(cfg, e, 4, e.index, c), "title": e.name, "url": e.url,
-                         "entity": e.name})
+            rows.append({"id": f"img-{e.name}-{c}", "image": _rendering(cfg, e, 4, e.index, c), "title": e.name,
+                         "url": e.url, "entity": e.name})
     return rows
 
 

@@ -26,7 +26,7 @@ from models.warmstart import WarmStartConfig, warm_start
 log = logging.getLogger(__name__)
 
 # Bump when the builder or warm start changes what they write for the same config.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BUILD_INFO = "forage_build.json"
 

@@ -3,7 +3,6 @@ folder that transformers (AutoProcessor, AutoModelForImageTextToText) and vLLM l
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -146,7 +145,3 @@ def build_tiny_model(cfg: TinyModelConfig, texts: Iterable[str], out_dir: Path |
     log.info("built %s: %d parameters, vocab %d -> %s", cfg.family, sum(p.numel() for p in model.parameters()),
              len(tokenizer), out_dir)
     return out_dir
-
-
-def config_dict(cfg: TinyModelConfig) -> dict:
-    return dataclasses.asdict(cfg)

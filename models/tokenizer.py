@@ -47,7 +47,8 @@ def prompt_texts() -> list[str]:
     """Fixed texts every episode shows (instructions, result captions, chat roles)."""
     return [
         prompts.first_user_text(""), prompts.INSTRUCTION, prompts.CONTINUE_INSTRUCTION, prompts.NO_RESULTS,
-        prompts.image_result_text(""), prompts.text_result_text("", ""), "system\n", "user\n", "assistant\n",
+        prompts.image_result_text(""), prompts.text_result_text("", ""), prompts.SEARCH_ERROR, prompts.SEARCH_LIMIT,
+        "system\n", "user\n", "assistant\n",
     ]
 
 

@@ -202,3 +202,9 @@ def test_bad_config_is_rejected(bad, tmp_path):
 def test_world_paths_layout(tmp_path):
     paths = WorldPaths(tmp_path)
     assert paths.questions.name == "questions.parquet" and paths.text_corpus.suffix == ".jsonl"
+
+
+def test_from_dict_rejects_unknown_keys():
+    assert WorldConfig.from_dict({"num_entities": 30}) == WorldConfig(num_entities=30)
+    with pytest.raises(ValueError, match="num_entites"):
+        WorldConfig.from_dict({"num_entites": 30})

@@ -47,7 +47,8 @@ def test_collate_pads_right_and_masks_labels(tiny_dir, small_world):
 
 
 def test_a_few_steps_lower_the_loss(tiny_dir, small_paths, small_world, tmp_path):
-    report = warm_start(tiny_dir, small_paths, tmp_path / "warm", WarmStartConfig(steps=12, vision_steps=4, batch_size=4, lr=3e-3))
+    cfg = WarmStartConfig(steps=12, vision_steps=4, batch_size=4, lr=3e-3)
+    report = warm_start(tiny_dir, small_paths, tmp_path / "warm", cfg)
     assert report["final_loss"] < report["first_loss"] - 1.0
     # The saved folder loads and its loss on fresh episodes is below the untrained model's.
     processor = AutoProcessor.from_pretrained(tmp_path / "warm")
