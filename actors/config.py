@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from actors.reward import RewardConfig
+
 # Keys of conf/actors that launch.py reads itself (placement), not the actor.
 _LAUNCH_KEYS = frozenset({"num_actors", "num_cpus"})
 
@@ -25,6 +27,9 @@ class EpisodeConfig:
     max_results: int = 3  # search hits shown to the model per call
     max_result_chars: int = 400  # text of one hit is cut to this many characters
     tool_deadline_s: float = 10.0
+    max_query_chars: int = 512  # a longer text-search query is cut (long_query=truncate) or invalid
+    long_query: str = "truncate"  # "truncate" | "invalid" (ends the episode as invalid_call)
+    on_search_over_limit: str = "end"  # "end" the episode | "inform" the model in-band and let it go on
 
     def __post_init__(self) -> None:
         if self.max_turns < 1 or self.max_new_tokens_per_turn < 1 or self.max_total_tokens < 2:
@@ -33,6 +38,17 @@ class EpisodeConfig:
             raise ValueError(f"search limits must be >= 0: {self}")
         if self.tool_deadline_s <= 0:
             raise ValueError(f"tool_deadline_s must be > 0, got {self.tool_deadline_s}")
+        if self.max_query_chars < 1:
+            raise ValueError(f"max_query_chars must be >= 1, got {self.max_query_chars}")
+        if self.long_query not in ("truncate", "invalid"):
+            raise ValueError(f"long_query must be 'truncate' or 'invalid', got {self.long_query!r}")
+        if self.on_search_over_limit not in ("end", "inform"):
+            raise ValueError(f"on_search_over_limit must be 'end' or 'inform', got {self.on_search_over_limit!r}")
+
+    @property
+    def searches_allowed(self) -> int:
+        """Searches one episode may make (the denominator of the search ratio)."""
+        return self.max_image_searches + self.max_text_searches
 
     @property
     def max_images(self) -> int:
@@ -79,6 +95,10 @@ class TransportConfig:
     max_backoff_s: float = 10.0
     weight_timeout_s: float = 60.0  # give up on an incomplete set of weight buckets after this long
 
+    def __post_init__(self) -> None:
+        if min(self.reply_timeout_s, self.max_backoff_s, self.weight_timeout_s) <= 0:
+            raise ValueError(f"transport timeouts must be > 0: {self}")
+
 
 @dataclass(frozen=True)
 class ActorConfig:
@@ -91,16 +111,26 @@ class ActorConfig:
     stop_timeout_s: float = 45.0  # stop() waits this long for groups in flight to finish and be acked
     split: str = "train"  # questions of this split (all rows when the parquet has no split column)
     cache_dir: str = ".forage_cache"  # compile caches shared across runs (relative to the working directory)
+    spool_max_groups: int = 8  # admitted groups held at once (playing + finished-unacked, spooled on disk)
+    spool_resume: bool = True  # at start, resend groups and re-play grants a previous actor left in the spool
+    group_attempts: int = 3  # a group whose episodes fail is re-run from scratch up to this many times in all
+    max_engine_restarts: int = 3  # engine restarts after crashes before the actor gives up (fails run())
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.max_concurrency < 1 or self.max_groups_in_flight < 1:
             raise ValueError(f"group_size, max_concurrency, max_groups_in_flight must be >= 1: {self}")
         if self.weight_poll_s <= 0:
             raise ValueError(f"weight_poll_s must be > 0, got {self.weight_poll_s}")
+        if self.spool_max_groups < self.max_groups_in_flight:
+            raise ValueError(f"spool_max_groups ({self.spool_max_groups}) must be >= max_groups_in_flight "
+                             f"({self.max_groups_in_flight}): every admitted group needs a spool slot")
+        if self.group_attempts < 1 or self.max_engine_restarts < 0:
+            raise ValueError(f"group_attempts must be >= 1 and max_engine_restarts >= 0: {self}")
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "ActorConfig":
@@ -117,7 +147,8 @@ class ActorConfig:
         return _build(cls, cfg, "actors")
 
 
-_NESTED = {"episode": EpisodeConfig, "sampling": SamplingConfig, "engine": EngineConfig, "transport": TransportConfig}
+_NESTED = {"episode": EpisodeConfig, "sampling": SamplingConfig, "engine": EngineConfig, "transport": TransportConfig,
+           "reward": RewardConfig}
 
 
 def _build(kind: type, values: Mapping[str, Any], where: str) -> Any:
@@ -134,4 +165,6 @@ def _build(kind: type, values: Mapping[str, Any], where: str) -> Any:
                 kwargs[name] = _build(nested, kwargs[name], f"{where}.{name}")
     if kind is EngineConfig and "env" in kwargs:
         kwargs["env"] = {str(k): str(v) for k, v in dict(kwargs["env"] or {}).items()}
+    if kind is RewardConfig and "valid_patterns" in kwargs:
+        kwargs["valid_patterns"] = tuple(str(p) for p in kwargs["valid_patterns"])
     return kind(**kwargs)

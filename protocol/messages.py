@@ -130,6 +130,17 @@ class AdmissionRequest(Message, tag="admission_request"):
     request_id: str
 
 
+class AdmissionRelease(Message, tag="admission_release"):
+    """An actor gives back a granted admission whose group it will never send (the group failed beyond its
+    retries, or the actor stopped before finishing it): the learner frees the slot
+    (`AdmissionController.on_group_lost`). Fire and forget: no reply. `request_id` is the granted
+    AdmissionRequest's."""
+
+    actor_id: str
+    request_id: str
+    reason: str = ""
+
+
 class AdmissionReply(Message, tag="admission_reply"):
     request_id: str
     granted: bool
@@ -197,7 +208,7 @@ class ErrorReply(Message, tag="error"):
     id: str = ""
 
 
-LearnerInbound = Union[TrajectoryGroup, AdmissionRequest, WeightQuery]
+LearnerInbound = Union[TrajectoryGroup, AdmissionRequest, AdmissionRelease, WeightQuery]
 LearnerOutbound = Union[GroupAck, AdmissionReply, WeightBucket, WeightAnnounce, WeightNone, ErrorReply]
 ToolInbound = Union[ToolRequest, StatsRequest]
 ToolOutbound = Union[ToolReply, StatsReply, ErrorReply]

@@ -20,7 +20,8 @@ from PIL import Image
 
 from actors import prompts
 from actors.engine import TurnOutput, TurnRequest
-from protocol import LearnerInbound, NamedArray, ToolItem, ToolReply, WeightBucket, decode, encode, to_ndarray
+from protocol import (LearnerInbound, NamedArray, ToolError, ToolItem, ToolReply, WeightBucket, decode, encode,
+                      to_ndarray)
 from protocol.sockets import bind, configure
 
 WORDS = ("red blue green round square star circle shape colour name fact town river built year tall "
@@ -134,11 +135,15 @@ class ScriptedEngine:
 
 
 class FakeTools:
-    """Tool clients for both tools: canned replies, or a ToolCallError for tools listed in `fail`."""
+    """Tool clients for both tools: canned replies, a ToolCallError for tools listed in `fail`, no hits for tools
+    in `empty`, an error reply (ok=False) for tools in `error_reply`."""
 
-    def __init__(self, thumbnails: int = 2, fail: tuple[str, ...] = ()) -> None:
+    def __init__(self, thumbnails: int = 2, fail: tuple[str, ...] = (), empty: tuple[str, ...] = (),
+                 error_reply: tuple[str, ...] = ()) -> None:
         self.thumbnails = thumbnails
         self.fail = fail
+        self.empty = empty
+        self.error_reply = error_reply
         self.calls: list[tuple[str, dict]] = []
 
     async def call(self, tool: str, args: dict, deadline_s: float | None = None) -> ToolReply:
@@ -147,6 +152,10 @@ class FakeTools:
         self.calls.append((tool, dict(args)))
         if tool in self.fail:
             raise ToolCallError("backend_error", f"{tool} is down in this test")
+        if tool in self.empty:
+            return ToolReply(id="x", ok=True, items=[])
+        if tool in self.error_reply:
+            return ToolReply(id="x", ok=False, error=ToolError(code="timeout", message="deadline passed"))
         if tool == "image_search":
             items = [ToolItem(title=f"thing {i}", url=f"u{i}", image=png_bytes(solid_image(COLOURS[i % 4])))
                      for i in range(self.thumbnails)]
@@ -156,6 +165,9 @@ class FakeTools:
 
     def as_clients(self) -> dict:
         return {"image_search": self, "text_search": self}
+
+    async def close(self) -> None:
+        self.closed = True
 
 
 class FakeLearner:
@@ -182,19 +194,28 @@ class FakeLearner:
         self.sock.close(linger=0)
 
 
-def weight_buckets(version: int, tensors: dict[str, np.ndarray], per_bucket: int = 1) -> list[WeightBucket]:
-    """`tensors` as the learner would publish them (names ending in bf16 travel as bfloat16)."""
-    names = sorted(tensors)
-    chunks = [names[i:i + per_bucket] for i in range(0, len(names), per_bucket)]
-    out = []
-    for i, chunk in enumerate(chunks):
-        arrays = []
-        for name in chunk:
-            value = tensors[name]
-            if name.endswith("bf16"):  # bf16 travels as uint16 bits
-                bits = torch.from_numpy(value).to(torch.bfloat16).view(torch.uint16).numpy()
-                arrays.append(NamedArray(name=name, array=to_ndarray(bits, dtype="bfloat16")))
-            else:
-                arrays.append(NamedArray(name=name, array=to_ndarray(value)))
-        out.append(WeightBucket(version=version, index=i, num_buckets=len(chunks), tensors=arrays))
-    return out
+def _named(name: str, value: np.ndarray, row_offset: int = 0, total_rows: int = 0) -> NamedArray:
+    if name.endswith("bf16"):  # bf16 travels as uint16 bits
+        bits = torch.from_numpy(np.ascontiguousarray(value)).to(torch.bfloat16).view(torch.uint16).numpy()
+        return NamedArray(name=name, array=to_ndarray(bits, dtype="bfloat16"), row_offset=row_offset,
+                          total_rows=total_rows)
+    return NamedArray(name=name, array=to_ndarray(np.ascontiguousarray(value)), row_offset=row_offset,
+                      total_rows=total_rows)
+
+
+def weight_buckets(version: int, tensors: dict[str, np.ndarray], per_bucket: int = 1,
+                   chunk_rows: int = 0) -> list[WeightBucket]:
+    """`tensors` as the learner would publish them (names ending in bf16 travel as bfloat16). With `chunk_rows`,
+    a tensor with more rows than that travels as row chunks, one chunk per bucket (learner/README.md)."""
+    pieces: list[list[NamedArray]] = []
+    whole: list[NamedArray] = []
+    for name in sorted(tensors):
+        value = tensors[name]
+        if chunk_rows and value.ndim and value.shape[0] > chunk_rows:
+            for start in range(0, value.shape[0], chunk_rows):
+                pieces.append([_named(name, value[start:start + chunk_rows], start, value.shape[0])])
+        else:
+            whole.append(_named(name, value))
+    pieces += [whole[i:i + per_bucket] for i in range(0, len(whole), per_bucket)]
+    return [WeightBucket(version=version, index=i, num_buckets=len(pieces), tensors=arrays)
+            for i, arrays in enumerate(pieces)]

@@ -12,11 +12,12 @@ import pytest
 from safetensors.torch import load_file
 
 from actors.actor import QuestionOrder, RolloutActor, load_questions
-from actors.engine import TurnOutput, TurnRequest
+from actors.engine import EngineError, TurnOutput, TurnRequest
+from actors.spool import Grant, GroupSpool
 from actors.episode import EpisodeTokenizer
 from actors_helpers import FakeLearner, FakeTools, png_bytes, solid_image, weight_buckets
-from protocol import (AdmissionReply, AdmissionRequest, GroupAck, TrajectoryGroup, WeightNone, WeightQuery,
-                      from_ndarray)
+from protocol import (AdmissionRelease, AdmissionReply, AdmissionRequest, GroupAck, TrajectoryGroup, WeightNone,
+                      WeightQuery, from_ndarray)
 
 
 def _write_questions(path: Path, n: int = 5) -> Path:
@@ -49,8 +50,11 @@ class AnsweringEngine:
         return TurnOutput(prompt_token_ids=expanded, token_ids=list(self.answer), logprobs=[-0.5] * len(self.answer),
                           versions=[self.version] * len(self.answer), finish_reason="stop")
 
-    async def update_weights(self, version: int, path) -> float:
-        self.updates.append((version, load_file(str(path))))
+    async def update_weights(self, version: int, paths) -> float:
+        state = {}
+        for path in paths:
+            state.update(load_file(str(path)))
+        self.updates.append((version, state))
         self.version = version
         return 0.001
 
@@ -139,12 +143,61 @@ def test_actor_plays_acked_groups_and_applies_weights(tmp_path, tiny_model_dir):
     assert metrics["actor_episodes"] == 9 and metrics["actor_admissions_denied"] == 1
     assert metrics["actor_weight_updates"] == 1 and metrics["actor_groups_acked"] == 3
     assert metrics["actor_tokens_generated"] == 9 * len(engine.answer)
+    assert metrics["actor_episodes_per_s"] > 0 and metrics["actor_tokens_per_s"] > 0
+    assert metrics["actor_turns_per_episode_mean"] == 1 and metrics["actor_searches_per_episode_mean"] == 0
+    assert metrics["actor_weight_update_s_count"] == 1 and metrics["actor_policy_version"] == 1
+    assert metrics["actor_token_staleness_count"] == 9 and metrics["actor_token_staleness_max_max"] >= 0
     assert engine.closed
+    assert not list((tmp_path / "run").rglob("*.msgpack"))  # every acked group left the spool
     other = FakeActor("a1", str(tiny_model_dir), str(tmp_path / "q.parquet"), {}, {}, cfg, str(tmp_path))
     assert other.seed != actor.seed  # actors sharing cfg.seed still get their own order and sampling seeds
 
 
-def test_failed_episode_fails_run(tmp_path, tiny_model_dir):
+def _granting_learner(limit: int = 10**9, ack: bool = True, weights: dict | None = None):
+    """A fake learner that grants `limit` admissions (then says stopping), acks groups when `ack` (a mutable
+    list: [True] / [False]), and serves `weights` as version 1 (granting nothing until the actor has them)."""
+    state = {"granted": 0, "ack": [ack] if isinstance(ack, bool) else ack, "groups": [], "releases": [],
+             "admissions": 0, "has_weights": weights is None}
+
+    def policy(m):
+        if isinstance(m, AdmissionRequest):
+            state["admissions"] += 1
+            if not state["has_weights"]:
+                return [AdmissionReply(request_id=m.request_id, granted=False, version=1, retry_after_ms=10)]
+            if state["granted"] >= limit:
+                return [AdmissionReply(request_id=m.request_id, granted=False, version=0, stopping=True)]
+            state["granted"] += 1
+            return [AdmissionReply(request_id=m.request_id, granted=True, version=0)]
+        if isinstance(m, TrajectoryGroup):
+            state["groups"].append(m)
+            return [GroupAck(group_id=m.group_id, accepted=True)] if state["ack"][0] else []
+        if isinstance(m, AdmissionRelease):
+            state["releases"].append(m)
+            return []
+        if isinstance(m, WeightQuery):
+            state["has_weights"] = state["has_weights"] or m.have_version >= 1
+            if weights is None or m.have_version >= 1:
+                return [WeightNone(version=1 if weights else 0)]
+            return weight_buckets(1, weights)
+        return []
+
+    return policy, state
+
+
+def _actor(cls, tmp_path, learner, cfg, actor_id="a0"):
+    return cls(actor_id, str(_TINY[0]), str(tmp_path / "q.parquet"), {},
+               {"trajectories": learner.endpoint, "weights": learner.endpoint}, cfg, str(tmp_path / "run"))
+
+
+_TINY: list = []
+
+
+@pytest.fixture(autouse=True)
+def _remember_model(tiny_model_dir):
+    _TINY[:] = [tiny_model_dir]
+
+
+def test_group_failing_every_attempt_fails_run_and_releases_its_admission(tmp_path):
     class BrokenEngine(AnsweringEngine):
         async def generate(self, request):
             raise RuntimeError("engine died")
@@ -153,22 +206,188 @@ def test_failed_episode_fails_run(tmp_path, tiny_model_dir):
         def _make_engine(self):
             return BrokenEngine(self.tokenizer)
 
+    _write_questions(tmp_path / "q.parquet")
+    policy, state = _granting_learner(limit=1)
+
     async def main():
-        learner = FakeLearner(lambda m: [AdmissionReply(request_id=m.request_id, granted=True, version=0)]
-                              if isinstance(m, AdmissionRequest) else
-                              [WeightNone(version=0)] if isinstance(m, WeightQuery) else [])
-        actor = BrokenActor("a0", str(tiny_model_dir), str(_write_questions(tmp_path / "q.parquet")), {},
-                            {"trajectories": learner.endpoint, "weights": learner.endpoint},
-                            {"group_size": 2}, str(tmp_path / "run"))
+        learner = FakeLearner(policy)
+        actor = _actor(BrokenActor, tmp_path, learner, {"group_size": 2})
         await actor.start()
         try:
-            with pytest.raises(RuntimeError, match="engine died"):
+            with pytest.raises(RuntimeError, match="failed 3 times.*engine died"):
+                await asyncio.wait_for(actor.run(), 30)
+            await asyncio.sleep(0.1)
+            return actor.metrics()
+        finally:
+            await actor.stop()
+            await learner.close()
+
+    metrics = asyncio.run(main())
+    assert metrics["actor_group_failures"] == 3 and metrics["actor_group_reruns"] == 2
+    assert metrics["actor_admissions_released"] == 1 and "actor_engine_restarts" not in metrics  # it never died
+    assert len(state["releases"]) == 1 and not state["groups"]  # nothing partial was shipped
+    assert not list((tmp_path / "run").rglob("grants/*.json"))  # the released grant is forgotten
+
+
+class CrashingEngine(AnsweringEngine):
+    """Dies (like vLLM's EngineDeadError: every call in flight and after fails) at its `crash_at`-th request."""
+
+    def __init__(self, tok, crash_at: int | None) -> None:
+        super().__init__(tok)
+        self.crash_at = crash_at
+        self.calls = 0
+        self.dead = False
+
+    def is_healthy(self) -> bool:
+        return not self.dead
+
+    async def generate(self, request):
+        self.calls += 1
+        if self.crash_at is not None and self.calls >= self.crash_at:
+            self.dead = True
+        await asyncio.sleep(0.02)
+        if self.dead:
+            raise RuntimeError("EngineCore encountered an issue")
+        return await super().generate(request)
+
+
+def test_engine_crash_restarts_the_engine_and_reruns_the_groups(tmp_path):
+    engines = []
+
+    class Actor(FakeActor):
+        def _make_engine(self):
+            engines.append(CrashingEngine(self.tokenizer, crash_at=5 if not engines else None))
+            return engines[-1]
+
+    _write_questions(tmp_path / "q.parquet")
+    weights = {"model.language_model.norm.weight": np.full(4, 3.0, dtype=np.float32)}
+    policy, state = _granting_learner(limit=4, weights=weights)
+    cfg = {"group_size": 3, "max_concurrency": 6, "max_groups_in_flight": 2, "weight_poll_s": 0.02,
+           "transport": {"reply_timeout_s": 0.3}}
+
+    async def main():
+        learner = FakeLearner(policy)
+        actor = _actor(Actor, tmp_path, learner, cfg)
+        await actor.start()
+        await asyncio.wait_for(actor.run(), 30)  # admissions only once version 1 is in: the restart must keep it
+        metrics = actor.metrics()
+        await actor.stop()
+        await learner.close()
+        return metrics
+
+    metrics = asyncio.run(main())
+    assert len(engines) == 2 and engines[0].dead and not engines[1].dead
+    assert engines[1].updates[0][0] == 1  # re-applied the newest version after the restart
+    unique = {g.group_id: g for g in state["groups"]}
+    assert len(unique) == state["granted"] == 4  # never lost: one group per admission
+    for group in unique.values():  # never partial: every group whole, every episode played to its answer
+        assert len(group.trajectories) == 3
+        assert all(t.finish_reason == "answer" and t.num_turns == 1 for t in group.trajectories)
+    assert metrics["actor_engine_restarts"] == 1 and metrics["actor_group_reruns"] >= 1
+    assert metrics["actor_engine_restart_s_count"] == 1 and metrics["actor_episodes"] == 12
+    assert not state["releases"]
+
+
+def test_engine_that_keeps_dying_fails_the_actor(tmp_path):
+    class Actor(FakeActor):
+        def _make_engine(self):
+            return CrashingEngine(self.tokenizer, crash_at=1)
+
+    _write_questions(tmp_path / "q.parquet")
+    policy, state = _granting_learner(limit=1)
+
+    async def main():
+        learner = FakeLearner(policy)
+        actor = _actor(Actor, tmp_path, learner, {"group_size": 2, "max_engine_restarts": 1})
+        await actor.start()
+        try:
+            with pytest.raises(EngineError, match="died again after 1 restart"):
                 await asyncio.wait_for(actor.run(), 30)
         finally:
             await actor.stop()
             await learner.close()
 
     asyncio.run(main())
+    assert len(state["releases"]) == 1 and not state["groups"]
+
+
+def test_slow_learner_is_back_pressure_not_memory(tmp_path):
+    _write_questions(tmp_path / "q.parquet")
+    acking = [False]
+    policy, state = _granting_learner(limit=6, ack=acking)
+    cfg = {"group_size": 2, "spool_max_groups": 3, "max_groups_in_flight": 2,
+           "transport": {"reply_timeout_s": 0.2, "max_backoff_s": 0.2}}
+
+    async def main():
+        learner = FakeLearner(policy)
+        actor = _actor(FakeActor, tmp_path, learner, cfg)
+        await actor.start()
+        running = asyncio.create_task(actor.run())
+        spool = tmp_path / "run" / "actors" / "a0" / "spool" / "groups"
+        while len(list(spool.glob("*.msgpack"))) < 3:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.6)  # several resend rounds: the actor holds its 3 groups and asks for nothing more
+        held = (state["admissions"], len(list(spool.glob("*.msgpack"))), actor.link.unacked)
+        acking[0] = True  # the learner catches up: resends are acked and admissions resume
+        await asyncio.wait_for(running, 30)
+        metrics = actor.metrics()
+        await actor.stop()
+        await learner.close()
+        return held, metrics
+
+    (admissions, spooled, unacked), metrics = asyncio.run(main())
+    assert (admissions, spooled, unacked) == (3, 3, 3)
+    assert len({g.group_id for g in state["groups"]}) == 6 and metrics["actor_group_resends"] >= 3
+    assert metrics["actor_spool_full_waits"] >= 1
+    assert not list((tmp_path / "run").rglob("*.msgpack"))
+
+
+def test_unacked_groups_and_grants_survive_an_actor_restart(tmp_path):
+    _write_questions(tmp_path / "q.parquet")
+    acking = [False]
+    policy, state = _granting_learner(limit=2, ack=acking)
+    cfg = {"group_size": 2, "stop_timeout_s": 0.5, "transport": {"reply_timeout_s": 0.2}}
+
+    async def first_life():
+        learner = FakeLearner(policy)
+        actor = _actor(FakeActor, tmp_path, learner, cfg)
+        await actor.start()
+        running = asyncio.create_task(actor.run())
+        while len({g.group_id for g in state["groups"]}) < 2:
+            await asyncio.sleep(0.02)
+        await actor.stop()  # the learner never acked: the groups stay on disk
+        await running
+        await learner.close()
+        return learner.endpoint
+
+    endpoint = asyncio.run(first_life())
+    spool = tmp_path / "run" / "actors" / "a0" / "spool"
+    left = sorted(p.stem for p in (spool / "groups").glob("*.msgpack"))
+    assert len(left) == 2
+    # ... and an admission granted just before the process died, its group never finished
+    GroupSpool(spool, 4).record_grant(Grant(request_id="lost-req", question_id="q1", version=0))
+
+    acking[0] = True
+    state["granted"] = 10**9  # the restarted learner grants nothing new: only leftovers can arrive
+    state["groups"].clear()
+
+    async def second_life():
+        learner = FakeLearner(policy, endpoint)
+        actor = _actor(FakeActor, tmp_path, learner, cfg)
+        await actor.start()
+        await asyncio.wait_for(actor.run(), 30)
+        metrics = actor.metrics()
+        await actor.stop()
+        await learner.close()
+        return metrics
+
+    metrics = asyncio.run(second_life())
+    delivered = {g.group_id: g for g in state["groups"]}
+    assert set(left) <= set(delivered) and len(delivered) == 3
+    replayed = [g for gid, g in delivered.items() if gid not in left]
+    assert replayed[0].prompt_id == "q1" and len(replayed[0].trajectories) == 2
+    assert metrics["actor_spool_resent"] == 2 and metrics["actor_spool_replayed"] == 1
+    assert not list(spool.rglob("*.msgpack")) and not list(spool.rglob("grants/*.json"))
 
 
 def test_questions_that_cannot_fit_are_skipped_before_admission(tmp_path, tiny_model_dir):

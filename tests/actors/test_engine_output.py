@@ -7,7 +7,7 @@ from types import SimpleNamespace as NS
 import pytest
 
 from actors.config import EngineConfig
-from actors.engine import EngineError, _turn_output, engine_env
+from actors.engine import MAX_TMPDIR_CHARS, EngineError, _turn_output, engine_env, socket_tmpdir
 
 
 def test_engine_env_keeps_everything_local(tmp_path):
@@ -20,6 +20,19 @@ def test_engine_env_keeps_everything_local(tmp_path):
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1.5" and env["VLLM_LOGGING_LEVEL"] == "WARNING"
     gpu = engine_env(EngineConfig(), tmp_path / "run", tmp_path / "cache", on_cpu=False)
     assert not any(k.startswith("VLLM_CPU") for k in gpu) and "VLLM_TARGET_DEVICE" not in gpu
+
+
+def test_socket_tmpdir_stays_short_enough_for_ipc_paths(tmp_path):
+    short = Path("/r")
+    assert socket_tmpdir(short) == short / "tmp"
+    deep = tmp_path / ("d" * 80)
+    folder = socket_tmpdir(deep)
+    try:
+        assert folder.is_dir() and not folder.is_relative_to(deep)
+        assert len(str(folder)) <= MAX_TMPDIR_CHARS and folder.name.startswith("forage-vllm-")
+        assert len("ipc://" + str(folder / ("x" * 36))) <= 107  # vLLM's socket names fit a Unix socket path
+    finally:
+        folder.rmdir()
 
 
 def _lp(token: int, value: float) -> dict:

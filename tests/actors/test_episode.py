@@ -13,28 +13,39 @@ from actors.episode import Question, first_prompt_length, parse_turn, run_episod
 from actors.reward import compute_reward
 from actors_helpers import FakeTools, ScriptedEngine, png_bytes, solid_image
 from protocol import TrajectoryGroup, decode, encode, from_ndarray
+from protocol.metrics import Metrics
 
 SAMPLING = SamplingConfig()
 
 
 # ---------------------------------------------------------------- parsing
 
-@pytest.mark.parametrize("text, kind, query, answer", [
-    ("<reason> r </reason><answer> Paris </answer>", "answer", "", " Paris "),
-    ("<reason> r </reason><search><img></search>", "image_search", "", None),
-    ("<reason> r </reason><search> <img> </search>\n", "image_search", "", None),
-    ("<reason> r </reason><text_search> capital of x </text_search>", "text_search", "capital of x", None),
-    ("<reason> r </reason><search>a dog</search>", "invalid_call", "", None),
-    ("<reason> r </reason></search>", "invalid_call", "", None),
-    ("<reason> r </reason><text_search>   </text_search>", "invalid_call", "", None),
-    ("<reason> r </reason></text_search>", "invalid_call", "", None),
-    ("<reason> r </reason></answer>", "invalid_call", "", None),
-    ("<reason> r </reason> the answer is paris<|im_end|>", "none", "", None),
-    ("", "none", "", None),
+@pytest.mark.parametrize("text, kind, query, answer, error", [
+    ("<reason> r </reason><answer> Paris </answer>", "answer", "", " Paris ", ""),
+    ("<reason> r </reason><search><img></search>", "image_search", "", None, ""),
+    ("<reason> r </reason><search> <img> </search>\n", "image_search", "", None, ""),
+    ("<reason> r </reason><text_search> capital of x </text_search>", "text_search", "capital of x", None, ""),
+    ("<reason> r </reason><search>a dog</search>", "invalid_call", "", None, "bad_image_call"),
+    ("<reason> r </reason></search>", "invalid_call", "", None, "orphan_close"),
+    ("<reason> r </reason><text_search>   </text_search>", "invalid_call", "", None, "empty_query"),
+    ("<reason> r </reason><text_search></text_search>", "invalid_call", "", None, "empty_query"),
+    ("<reason> r </reason></text_search>", "invalid_call", "", None, "orphan_close"),
+    ("<reason> r </reason></answer>", "invalid_call", "", None, "orphan_close"),
+    # nested or foreign tags inside a call
+    ("<search><search><img></search>", "invalid_call", "", None, "nested_tags"),
+    ("<search><img><answer> x </search>", "invalid_call", "", None, "nested_tags"),
+    ("<text_search> a <text_search> b </text_search>", "invalid_call", "", None, "nested_tags"),
+    ("<text_search> a <reason> b </reason> c </text_search>", "invalid_call", "", None, "nested_tags"),
+    ("<answer> <answer> paris </answer>", "invalid_call", "", None, "nested_tags"),
+    ("<answer> <search><img></search> paris </answer>", "invalid_call", "", None, "nested_tags"),
+    ("<reason> r </reason><answer> London </answer> no, <answer> Paris </answer>", "answer", "", " Paris ", ""),
+    ("<reason> r </reason> the answer is paris<|im_end|>", "none", "", None, ""),
+    ("<reason> r </reason><answer> Paris", "none", "", None, ""),  # never closed (cut by a length limit)
+    ("", "none", "", None, ""),
 ])
-def test_parse_turn(text, kind, query, answer):
+def test_parse_turn(text, kind, query, answer, error):
     action = parse_turn(text)
-    assert (action.kind, action.query, action.answer) == (kind, query, answer)
+    assert (action.kind, action.query, action.answer, action.error) == (kind, query, answer, error)
 
 
 # ---------------------------------------------------------------- token pieces
@@ -78,11 +89,11 @@ def _question() -> Question:
                     image=png_bytes(solid_image((30, 30, 200))), kind="image_text", search_label="search")
 
 
-def _play(tok, turns, tools=None, cfg=None, finish_reasons=None):
+def _play(tok, turns, tools=None, cfg=None, finish_reasons=None, metrics=None):
     engine = ScriptedEngine(turns, tok.image_pad_id, image_tokens=4, version=3, finish_reasons=finish_reasons)
     tools = tools or FakeTools(thumbnails=2)
     result = asyncio.run(run_episode(engine, tok, tools.as_clients(), _question(), cfg or EpisodeConfig(),
-                                     SAMPLING, request_id="g-e0", seed=7))
+                                     SAMPLING, request_id="g-e0", seed=7, metrics=metrics))
     return engine, tools, result
 
 
@@ -128,15 +139,102 @@ def test_three_turn_episode_is_token_in_token_out(episode_tokenizer):
     assert back.reward == pytest.approx(0.91) and back.num_turns == 3 and back.finish_reason == "answer"
 
 
-def test_tool_error_tells_the_model_no_results(episode_tokenizer):
+@pytest.mark.parametrize("tools", [FakeTools(fail=("image_search",)), FakeTools(error_reply=("image_search",))])
+def test_tool_failure_shows_the_in_band_error_text(episode_tokenizer, tools):
     tok = episode_tokenizer
     turns = [_ids(tok, "<reason> a </reason><search><img></search>"),
              _ids(tok, "<reason> b </reason><answer> x </answer>")]
-    engine, tools, result = _play(tok, turns, tools=FakeTools(fail=("image_search",)))
+    metrics = Metrics()
+    engine, tools, result = _play(tok, turns, tools=tools, metrics=metrics)
     assert result.tool_errors == 1 and result.image_searches == 1 and result.finish_reason == "answer"
     appended = engine.requests[1].prompt_token_ids[len(engine.requests[0].prompt_token_ids) + len(turns[0]):]
+    assert appended == tok.continuation_with(prompts.notice_message(prompts.SEARCH_ERROR))
+    text = tok.decode(appended)
+    assert prompts.SEARCH_ERROR in text and prompts.NO_RESULTS not in text
+    assert len(engine.requests[1].images) == 1
+    assert metrics.counter("tool_errors_image_search") == 1
+    assert metrics.snapshot()["tool_latency_s_image_search_count"] == 1
+
+
+def test_empty_hits_show_no_results(episode_tokenizer):
+    tok = episode_tokenizer
+    turns = [_ids(tok, "<reason> a </reason><text_search> nothing </text_search>"),
+             _ids(tok, "<reason> b </reason><answer> x </answer>")]
+    metrics = Metrics()
+    engine, tools, result = _play(tok, turns, tools=FakeTools(empty=("text_search",)), metrics=metrics)
+    assert result.tool_errors == 0 and result.text_searches == 1 and result.finish_reason == "answer"
+    appended = engine.requests[1].prompt_token_ids[len(engine.requests[0].prompt_token_ids) + len(turns[0]):]
     assert appended == tok.continuation([])
-    assert prompts.NO_RESULTS in tok.decode(appended) and len(engine.requests[1].images) == 1
+    assert prompts.NO_RESULTS in tok.decode(appended) and prompts.SEARCH_ERROR not in tok.decode(appended)
+    assert metrics.counter("tool_empty_text_search") == 1
+
+
+@pytest.mark.parametrize("text, error", [
+    ("<reason> a </reason><search><search><img></search>", "nested_tags"),
+    ("<reason> a </reason><text_search> x <text_search> y </text_search>", "nested_tags"),
+    ("<reason> a </reason><text_search>  </text_search>", "empty_query"),
+    ("<reason> a </reason><search> a cat </search>", "bad_image_call"),
+    ("<reason> a </reason></answer>", "orphan_close"),
+])
+def test_malformed_calls_end_the_episode_and_are_counted(episode_tokenizer, text, error):
+    tok = episode_tokenizer
+    metrics = Metrics()
+    engine, tools, result = _play(tok, [_ids(tok, text)], metrics=metrics)
+    assert result.finish_reason == "invalid_call" and not tools.calls and len(engine.requests) == 1
+    assert metrics.counter(f"malformed_{error}") == 1 and metrics.counter("finish_invalid_call") == 1
+    assert compute_reward(result.turns, "blue star", []).total == 0.0
+
+
+def test_a_10k_character_query_is_cut_or_refused(episode_tokenizer):
+    tok = episode_tokenizer
+    query = " ".join(["star"] * 2000)  # 9,999 characters
+    turns = [_ids(tok, f"<reason> a </reason><text_search> {query} </text_search>"),
+             _ids(tok, "<reason> b </reason><answer> x </answer>")]
+    metrics = Metrics()
+    cfg = EpisodeConfig(max_new_tokens_per_turn=4096, max_total_tokens=8192, max_query_chars=100)
+    engine, tools, result = _play(tok, [list(t) for t in turns], cfg=cfg, metrics=metrics)
+    assert result.finish_reason == "answer" and tools.calls == [("text_search", {"query": query[:100]})]
+    assert metrics.counter("queries_too_long") == 1
+
+    metrics = Metrics()
+    strict = EpisodeConfig(max_new_tokens_per_turn=4096, max_total_tokens=8192, max_query_chars=100,
+                           long_query="invalid")
+    engine, tools, result = _play(tok, [list(t) for t in turns], cfg=strict, metrics=metrics)
+    assert result.finish_reason == "invalid_call" and not tools.calls
+    assert metrics.counter("malformed_query_too_long") == 1
+
+
+def test_a_policy_that_never_stops_is_cut_every_time(episode_tokenizer):
+    tok = episode_tokenizer
+    babble = _ids(tok, "red blue green " * 40)
+    metrics = Metrics()
+    cfg = EpisodeConfig(max_new_tokens_per_turn=16)
+    engine, tools, result = _play(tok, [babble], cfg=cfg, finish_reasons=["length"], metrics=metrics)
+    assert result.finish_reason == "max_new_tokens" and sum(result.loss_mask) == 16 and not tools.calls
+    assert metrics.counter("finish_max_new_tokens") == 1
+    # ... also when the call tag it finally writes would be cut off: the cut turn is not a call
+    cut_call = _ids(tok, "red " * 20 + "<text_search> q </text_search>")
+    engine, tools, result = _play(tok, [cut_call], cfg=cfg, finish_reasons=["length"])
+    assert result.finish_reason == "max_new_tokens" and not tools.calls
+
+
+def test_search_over_the_limit_can_inform_instead_of_ending(episode_tokenizer):
+    tok = episode_tokenizer
+    texts = ["<reason> a </reason><search><img></search>", "<reason> a </reason><search><img></search>",
+             "<reason> a </reason><answer> blue star </answer>"]
+    metrics = Metrics()
+    cfg = EpisodeConfig(on_search_over_limit="inform")
+    engine, tools, result = _play(tok, [_ids(tok, t) for t in texts], cfg=cfg, metrics=metrics)
+    assert result.finish_reason == "answer" and len(result.turns) == 3
+    assert [c[0] for c in tools.calls] == ["image_search"] and result.image_searches == 1
+    appended = engine.requests[2].prompt_token_ids[len(engine.requests[1].prompt_token_ids) + len(engine.outputs[1].token_ids):]
+    assert appended == tok.continuation_with(prompts.notice_message(prompts.SEARCH_LIMIT))
+    assert metrics.counter("searches_refused_image_search") == 1
+    assert compute_reward(result.turns, "blue star", []).format == 0.0  # image, image, answer is no valid pattern
+    # a search in the last turn still ends the episode: no turn is left to read its results
+    engine, tools, result = _play(tok, [_ids(tok, t) for t in texts[:2]],
+                                  cfg=EpisodeConfig(max_turns=2, on_search_over_limit="inform"))
+    assert result.finish_reason == "search_in_last_turn"
 
 
 @pytest.mark.parametrize("texts, cfg, reason, n_turns", [
@@ -222,3 +320,59 @@ def test_missing_tool_client_counts_as_tool_error(episode_tokenizer):
     engine = ScriptedEngine(turns, tok.image_pad_id)
     result = asyncio.run(run_episode(engine, tok, {}, _question(), EpisodeConfig(), SAMPLING, "r"))
     assert result.tool_errors == 1 and result.finish_reason == "answer"
+
+
+def test_tool_server_down_or_slow_through_the_real_client(episode_tokenizer):
+    """A ToolClient whose server is not there, or answers after the deadline: the episode goes on with the
+    in-band error text, and the error is counted."""
+    import zmq
+    import zmq.asyncio
+
+    from protocol import ToolReply, ToolRequest
+    from protocol.sockets import bind, configure
+    from tool_servers.client import ToolClient
+
+    tok = episode_tokenizer
+    turns = [_ids(tok, "<reason> a </reason><text_search> q </text_search>"),
+             _ids(tok, "<reason> b </reason><answer> x </answer>")]
+    cfg = EpisodeConfig(tool_deadline_s=0.3)
+
+    async def play(endpoint: str):
+        client = ToolClient([endpoint], default_deadline_s=0.3, retries=0)
+        metrics = Metrics()
+        engine = ScriptedEngine([list(t) for t in turns], tok.image_pad_id)
+        try:
+            result = await run_episode(engine, tok, {"text_search": client}, _question(), cfg, SAMPLING, "r",
+                                       metrics=metrics)
+        finally:
+            await client.close()
+        appended = engine.requests[1].prompt_token_ids[len(engine.requests[0].prompt_token_ids) + len(turns[0]):]
+        return result, metrics, tok.decode(appended)
+
+    async def slow_server():
+        sock = configure(zmq.asyncio.Context.instance().socket(zmq.ROUTER))
+        endpoint = bind(sock, "tcp://127.0.0.1:*")
+
+        async def serve():
+            while True:
+                *route, frame = await sock.recv_multipart()
+                request = decode(frame, ToolRequest)
+                await asyncio.sleep(1.0)  # far past the 0.3 s deadline
+                await sock.send_multipart([*route, encode(ToolReply(id=request.id, ok=True))])
+
+        task = asyncio.create_task(serve())
+        try:
+            return await play(endpoint)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            sock.close(linger=0)
+
+    import socket
+    with socket.socket() as probe:  # a port nobody listens on: the server is down
+        probe.bind(("127.0.0.1", 0))
+        down = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    for result, metrics, shown in (asyncio.run(play(down)), asyncio.run(slow_server())):
+        assert result.finish_reason == "answer" and result.tool_errors == 1 and result.text_searches == 1
+        assert prompts.SEARCH_ERROR in shown and metrics.counter("tool_errors_text_search") == 1
+        assert 0.25 < result.timings["tool_s"] < 2.0  # waited for the deadline, not for ever

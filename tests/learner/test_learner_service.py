@@ -13,6 +13,7 @@ from learner.batch import validate_group
 from learner.service import TrajectoryService
 from learner_worlds import make_group
 from protocol import (
+    AdmissionRelease,
     AdmissionReply,
     AdmissionRequest,
     ErrorReply,
@@ -94,6 +95,19 @@ def test_invalid_group_is_refused_and_frees_its_admission(service, dealer, tiny_
     assert not ack.accepted and "placeholder" in ack.message
     assert service.admission.running == 1 and service.metrics.counter("groups_rejected") == 1
     assert ask(dealer, encode(bad)).accepted is False  # a rejected id is not remembered as seen
+
+
+def test_a_released_admission_frees_its_slot_once(service, dealer) -> None:
+    assert [r.granted for r in admit(dealer, 3)] == [True, True, False]  # capacity 2 at version 0
+    dealer.send(encode(AdmissionRelease(actor_id="t", request_id="r0", reason="engine crashed twice")))
+    dealer.send(encode(AdmissionRelease(actor_id="t", request_id="r0")))  # a repeat frees nothing more
+    dealer.send(encode(AdmissionRelease(actor_id="t", request_id="never-granted")))
+    reply = ask(dealer, encode(AdmissionRequest(actor_id="t", request_id="r9")))
+    assert reply.granted  # the released slot was reused, and no reply was sent for the releases
+    assert not admit(dealer)[0].granted
+    assert service.metrics.counter("admission_releases") == 1
+    assert service.metrics.counter("admission_releases_unknown") == 2
+    assert service.admission.running == 2
 
 
 def test_tokens_from_a_future_version_are_refused_until_the_learner_has_it(service, dealer, tiny_vlm) -> None:

@@ -1,0 +1,169 @@
+"""Eval mode: play every question of a parquet dataset once with a fixed policy (no learner, no weight updates),
+write per-sample results and aggregate accuracy and search ratios per question kind and per search label.
+
+    SR           = searches made / searches allowed   (allowed = max_image_searches + max_text_searches per sample)
+    searched     = share of samples that made at least one search (the "search ratio" of the MMSearch-R1 paper)
+
+Outputs in `out_dir`: samples.jsonl and samples.parquet (one row per question), summary.json (the table and the
+settings) and summary.md (the table as markdown). Run it with `python -m actors eval ...` or call `run_eval`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping
+
+from actors.actor import load_questions
+from actors.config import ActorConfig
+from actors.episode import EpisodeResult, EpisodeTokenizer, Question, ToolCaller, run_episode
+from actors.reward import compute_reward, last_answer
+from protocol.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = ("group", "n", "accuracy", "reward", "format", "SR", "SR_image", "SR_text", "searched",
+                 "searches", "turns", "tool_errors")
+
+
+def sample_row(question: Question, result: EpisodeResult, cfg: ActorConfig) -> dict[str, Any]:
+    """One question's result: prediction, correctness, reward parts, searches, turns."""
+    reward = compute_reward(result.turns, question.answer, question.aliases, cfg.reward)
+    prediction = last_answer(result.turns[-1]) if result.turns else None
+    return {
+        "id": question.id, "kind": question.kind, "search_label": question.search_label,
+        "question": question.question, "answer": question.answer,
+        "prediction": None if prediction is None else prediction.strip(),
+        "correct": bool(reward.accuracy), "reward": reward.total, "format": reward.format,
+        "image_searches": result.image_searches, "text_searches": result.text_searches,
+        "searches": result.image_searches + result.text_searches, "turns": len(result.turns),
+        "finish_reason": result.finish_reason, "tool_errors": result.tool_errors,
+        "tokens_generated": int(sum(result.loss_mask)), "episode_s": result.timings.get("episode_s", 0.0),
+    }
+
+
+def aggregate(rows: list[Mapping[str, Any]], max_image_searches: int, max_text_searches: int) -> list[dict]:
+    """Table rows: "all", then one per question kind ("kind=...") and per search label ("label=...")."""
+    groups: dict[str, list[Mapping[str, Any]]] = {"all": list(rows)}
+    for row in rows:
+        groups.setdefault(f"kind={row['kind'] or '-'}", []).append(row)
+    for row in rows:
+        groups.setdefault(f"label={row['search_label'] or '-'}", []).append(row)
+    allowed = max_image_searches + max_text_searches
+    table = []
+    for name, members in groups.items():
+        n = len(members)
+        if n == 0:
+            continue
+        image = sum(r["image_searches"] for r in members)
+        text = sum(r["text_searches"] for r in members)
+        table.append({
+            "group": name, "n": n,
+            "accuracy": sum(r["correct"] for r in members) / n,
+            "reward": sum(r["reward"] for r in members) / n,
+            "format": sum(r["format"] for r in members) / n,
+            "SR": (image + text) / (n * allowed) if allowed else 0.0,
+            "SR_image": image / (n * max_image_searches) if max_image_searches else 0.0,
+            "SR_text": text / (n * max_text_searches) if max_text_searches else 0.0,
+            "searched": sum(r["searches"] > 0 for r in members) / n,
+            "searches": (image + text) / n,
+            "turns": sum(r["turns"] for r in members) / n,
+            "tool_errors": sum(r["tool_errors"] for r in members),
+        })
+    return table
+
+
+def format_table(table: list[Mapping[str, Any]]) -> str:
+    """The aggregate table as markdown."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    for row in table:
+        cells = [row[c] if isinstance(row[c], (str, int)) else f"{row[c]:.3f}" for c in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+async def eval_questions(engine: Any, tok: EpisodeTokenizer, tools: Mapping[str, ToolCaller],
+                         questions: list[Question], cfg: ActorConfig, seed: int = 0,
+                         metrics: Metrics | None = None) -> list[dict[str, Any]]:
+    """One episode per question, up to cfg.max_concurrency at once; rows in question order. An episode whose
+    engine call fails is an error (eval has no re-runs: a crash invalidates the measurement)."""
+    slots = asyncio.Semaphore(cfg.max_concurrency)
+    metrics = metrics or Metrics()
+
+    async def one(i: int, question: Question) -> dict[str, Any]:
+        async with slots:
+            result = await run_episode(engine, tok, tools, question, cfg.episode, cfg.sampling,
+                                       request_id=f"eval-{i}", seed=seed + i, metrics=metrics)
+        return sample_row(question, result, cfg)
+
+    return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(questions))))
+
+
+async def eval_dataset(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
+                       tool_endpoints: Mapping[str, list[str]] | None = None, cfg: Mapping[str, Any] | None = None, *,
+                       split: str | None = None, limit: int | None = None, engine: Any = None,
+                       tokenizer: EpisodeTokenizer | None = None) -> dict[str, Any]:
+    """Evaluate `model_path` on the questions of `data_path` (all rows, or `split`; the first `limit`); write the
+    outputs to `out_dir` and return the summary. `engine`/`tokenizer` replace the vLLM engine (tests)."""
+    from actors.engine import VllmEngine
+
+    actor_cfg = ActorConfig.from_dict(cfg or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    questions = load_questions(data_path, split)[:limit]
+    tok = tokenizer or EpisodeTokenizer.from_pretrained(model_path)
+    own_engine = engine is None
+    if own_engine:
+        engine = VllmEngine(model_path, actor_cfg.engine, out, cache_dir=actor_cfg.cache_dir,
+                            max_model_len=actor_cfg.episode.max_total_tokens,
+                            max_images=actor_cfg.episode.max_images, seed=actor_cfg.seed)
+        await engine.start()
+    tools = _tool_clients(tool_endpoints or {}, actor_cfg)
+    metrics = Metrics()
+    started = time.perf_counter()
+    try:
+        rows = await eval_questions(engine, tok, tools, questions, actor_cfg, seed=actor_cfg.seed, metrics=metrics)
+    finally:
+        for client in tools.values():
+            await client.close()
+        if own_engine:
+            await engine.close()
+    seconds = time.perf_counter() - started
+    table = aggregate(rows, actor_cfg.episode.max_image_searches, actor_cfg.episode.max_text_searches)
+    summary = {"model": str(model_path), "data": str(data_path), "split": split, "questions": len(rows),
+               "seconds": seconds, "table": table, "metrics": metrics.snapshot(),
+               "settings": {"episode": asdict(actor_cfg.episode), "sampling": asdict(actor_cfg.sampling),
+                            "reward": asdict(actor_cfg.reward)}}
+    _write_outputs(out, rows, summary)
+    log.info("eval of %d questions in %.1f s -> %s", len(rows), seconds, out)
+    return summary
+
+
+def run_eval(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
+             tool_endpoints: Mapping[str, list[str]] | None = None, cfg: Mapping[str, Any] | None = None, *,
+             split: str | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Blocking form of `eval_dataset` (for launch.py and scripts; not from inside a running event loop)."""
+    return asyncio.run(eval_dataset(model_path, data_path, out_dir, tool_endpoints, cfg, split=split, limit=limit))
+
+
+def _tool_clients(endpoints: Mapping[str, list[str]], cfg: ActorConfig) -> dict[str, Any]:
+    from tool_servers.client import ToolClient
+
+    return {tool: ToolClient(list(eps), default_deadline_s=cfg.episode.tool_deadline_s, retries=cfg.tool_retries)
+            for tool, eps in endpoints.items()}
+
+
+def _write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(out / "samples.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    if rows:
+        pq.write_table(pa.Table.from_pylist(rows), out / "samples.parquet")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.md").write_text(format_table(summary["table"]) + "\n")

@@ -1,0 +1,158 @@
+"""Bringing a new policy version into the actor's engine, whatever transport the learner uses.
+
+zmq: the reassembled state dict is written as one safetensors file in the actor's own folder. fs: the announced
+version's files are hard-linked (copied across filesystems) into that folder first, so the learner pruning old
+versions cannot pull them from under a load. Both then go through `VllmEngine.update_weights(version, files)`.
+nccl: `VllmEngine.update_weights_nccl` joins the learner's broadcast (GPU only). The newest applied version's
+files are kept, so an engine restarted after a crash comes back at the same version; older ones are deleted.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.engine import EngineError
+from actors.transport import WeightUpdate
+from protocol import ProtocolError
+from protocol.metrics import Metrics
+from protocol.weights import read_fs_manifest
+
+log = logging.getLogger(__name__)
+
+_CASTS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FS_READ_ATTEMPTS = 3  # a version pruned while we link it: read the manifest again this many times
+
+
+class WeightApplier:
+    """Stages a WeightUpdate as files in `folder` and applies it to an engine (VllmEngine: `update_weights(version,
+    files)` / `update_weights_nccl`); remembers the newest applied version."""
+
+    def __init__(self, folder: str | Path, engine_dtype: str = "float32", metrics: Metrics | None = None) -> None:
+        self.folder = Path(folder)
+        self.cast = _CASTS.get(engine_dtype)  # None ("auto"): tensors go in as the learner sent them
+        self.metrics = metrics or Metrics()
+        self.applied: tuple[int, list[Path]] | None = None  # (version, files) of the newest applied version
+        self.transport = ""
+
+    async def apply(self, engine: Any, update: WeightUpdate) -> tuple[int, float]:
+        """Apply `update` to `engine`; return (version applied, seconds the engine was paused). fs may apply a
+        version newer than announced (the manifest moved on meanwhile)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.transport = update.transport
+        started = time.perf_counter()
+        if update.transport == "nccl":
+            if update.announce is None:
+                raise ProtocolError(f"nccl weights version {update.version} without its announcement")
+            a = update.announce
+            seconds = await engine.update_weights_nccl(
+                update.version, a.init, {"names": a.names, "dtype_names": a.dtype_names, "shapes": a.shapes})
+            self.applied = (update.version, [])
+            return update.version, seconds
+        loop = asyncio.get_running_loop()
+        if update.transport == "zmq":
+            if update.state is None:
+                raise ProtocolError(f"zmq weights version {update.version} without tensors")
+            version = update.version
+            files = await loop.run_in_executor(None, self._write, version, update.state)
+        elif update.transport == "fs":
+            if update.announce is None or not update.announce.location:
+                raise ProtocolError(f"fs weights version {update.version} announced without a location")
+            version, files = await loop.run_in_executor(None, self._link_fs, update.announce.location,
+                                                        update.version)
+        else:
+            raise ProtocolError(f"unknown weight transport {update.transport!r} (zmq, fs, nccl)")
+        self.metrics.observe("weight_stage_s", time.perf_counter() - started)
+        try:
+            seconds = await engine.update_weights(version, files)
+        except BaseException:
+            self._delete(files)
+            raise
+        previous, self.applied = self.applied, (version, files)
+        if previous is not None:
+            self._delete(previous[1])
+        return version, seconds
+
+    async def reapply(self, engine: Any) -> float | None:
+        """Load the newest applied version into a freshly started engine (after a crash); None when there is
+        none (the engine's start-up weights are current)."""
+        if self.applied is None:
+            return None
+        version, files = self.applied
+        if self.transport == "nccl":
+            raise EngineError(f"a restarted engine cannot rejoin the learner's NCCL weight group (version {version}); "
+                              f"restart the run or use the zmq/fs weight transport")
+        return await engine.update_weights(version, files)
+
+    def _write(self, version: int, state: dict[str, torch.Tensor]) -> list[Path]:
+        from safetensors.torch import save_file
+
+        if self.cast is not None:
+            state = {k: v.to(self.cast) if v.is_floating_point() else v for k, v in state.items()}
+        path = self.folder / f"v{version}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, path)
+        return [path]
+
+    def _link_fs(self, directory: str, announced: int) -> tuple[int, list[Path]]:
+        """Link the current manifest's files into our folder; retry when the version vanished mid-way."""
+        from safetensors import safe_open
+
+        last_error: Exception | None = None
+        for _ in range(FS_READ_ATTEMPTS):
+            manifest = read_fs_manifest(directory)
+            if manifest is None or manifest.version < announced:
+                raise ProtocolError(f"{directory}: manifest at version {None if manifest is None else manifest.version}"
+                                    f", learner announced {announced}")
+            files: list[Path] = []
+            try:
+                for i, name in enumerate(manifest.files):
+                    dst = self.folder / f"v{manifest.version}-{i:05d}.safetensors"
+                    _link_or_copy(Path(directory) / manifest.folder / name, dst)
+                    files.append(dst)
+            except FileNotFoundError as exc:  # pruned while linking: the manifest has moved on
+                self._delete(files)
+                self.metrics.inc("weight_fs_retries")
+                last_error = exc
+                continue
+            count = 0
+            for path in files:
+                with safe_open(str(path), framework="pt") as handle:
+                    count += len(list(handle.keys()))
+            if count != manifest.num_tensors:
+                self._delete(files)
+                raise ProtocolError(f"{directory}/{manifest.folder}: {count} tensors, manifest says "
+                                    f"{manifest.num_tensors}")
+            return manifest.version, files
+        raise ProtocolError(f"{directory}: weights version kept vanishing while linking ({last_error})")
+
+    @staticmethod
+    def _delete(files: list[Path]) -> None:
+        for path in files:
+            path.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Delete the kept files (the actor is stopping)."""
+        if self.applied is not None:
+            self._delete(self.applied[1])
+            self.applied = None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(str(src)) from exc
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copyfile(src, dst)  # another filesystem (or no hard links): copy

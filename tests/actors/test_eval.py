@@ -1,0 +1,138 @@
+"""Eval mode with a scripted engine: per-sample rows, the aggregate table (hand-computed), the output files, and
+the `python -m actors eval` command line."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from actors import __main__ as cli
+from actors import engine as engine_module
+from actors.engine import TurnOutput
+from actors.eval import aggregate, eval_dataset, format_table
+from actors_helpers import FakeTools, png_bytes, solid_image
+
+# per question: its kind, label, answer, and the assistant turns the scripted policy plays
+SCRIPT = {
+    "q0": ("pixels", "search_free", "red", ["<reason> a </reason><answer> red </answer>"]),
+    "q1": ("image_search", "search_required", "star", ["<reason> a </reason><search><img></search>",
+                                                       "<reason> b </reason><answer> star </answer>"]),
+    "q2": ("text_search", "search_required", "river", ["<reason> a </reason><text_search> where </text_search>",
+                                                       "<reason> b </reason><answer> town </answer>"]),
+    "q3": ("pixels", "search_free", "blue", ["<reason> a </reason><search><img></search>",
+                                             "<reason> b </reason><answer> blue </answer>"]),
+}
+
+
+def _write(path):
+    rows = [{"id": qid, "image": png_bytes(solid_image((10 * i, 20, 30))), "question": f"question {qid}",
+             "answer": answer, "aliases": [], "kind": kind, "search_label": label, "split": "test"}
+            for i, (qid, (kind, label, answer, _)) in enumerate(SCRIPT.items())]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+class ScriptEngine:
+    """Plays SCRIPT: request ids are eval-<index>-t<turn>, in question order."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.version = 0
+        self.started = self.closed = False
+
+    async def start(self):
+        self.started = True
+
+    async def close(self):
+        self.closed = True
+
+    async def generate(self, request):
+        _, index, turn = request.request_id.split("-")
+        text = list(SCRIPT.values())[int(index)][3][int(turn[1:])]
+        ids = self.tok.tokenizer.encode(text, add_special_tokens=False)
+        expanded = []
+        for t in request.prompt_token_ids:
+            expanded.extend([t] * (4 if t == self.tok.image_pad_id else 1))
+        return TurnOutput(prompt_token_ids=expanded, token_ids=ids, logprobs=[-0.1] * len(ids),
+                          versions=[0] * len(ids), finish_reason="stop")
+
+
+def test_eval_rows_table_and_files(tmp_path, episode_tokenizer, monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr("tool_servers.client.ToolClient", lambda *a, **k: FakeTools())
+    data = _write(tmp_path / "q.parquet")
+    summary = asyncio.run(eval_dataset("unused", data, tmp_path / "out", {"image_search": ["x"],
+                                                                           "text_search": ["y"]},
+                                       engine=ScriptEngine(episode_tokenizer), tokenizer=episode_tokenizer))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2", "q3"]
+    assert [r["correct"] for r in rows] == [True, True, False, True]
+    assert [r["prediction"] for r in rows] == ["red", "star", "town", "blue"]
+    assert [(r["image_searches"], r["text_searches"], r["turns"]) for r in rows] == [(0, 0, 1), (1, 0, 2),
+                                                                                     (0, 1, 2), (1, 0, 2)]
+    assert [r["reward"] for r in rows] == pytest.approx([1.0, 0.91, 0.1, 0.91])
+    assert pq.read_table(tmp_path / "out" / "samples.parquet").num_rows == 4
+    table = {row["group"]: row for row in summary["table"]}
+    assert list(table) == ["all", "kind=pixels", "kind=image_search", "kind=text_search", "label=search_free",
+                           "label=search_required"]
+    everything = table["all"]  # 3 searches of 2 allowed x 4 samples
+    assert (everything["n"], everything["accuracy"], everything["SR"]) == (4, 0.75, pytest.approx(3 / 8))
+    assert (everything["SR_image"], everything["SR_text"], everything["searched"]) == (0.5, 0.25, 0.75)
+    assert everything["reward"] == pytest.approx((1.0 + 0.91 + 0.1 + 0.91) / 4)
+    free = table["label=search_free"]  # q0 (no search) and q3 (one image search): the search that was not needed
+    assert (free["n"], free["accuracy"], free["SR"], free["searched"]) == (2, 1.0, 0.25, 0.5)
+    needed = table["label=search_required"]
+    assert (needed["accuracy"], needed["SR"], needed["searched"]) == (0.5, 0.5, 1.0)
+    assert table["kind=pixels"]["SR"] == free["SR"]
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["questions"] == 4 and saved["table"] == json.loads(json.dumps(summary["table"]))
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert markdown.startswith("| group | n | accuracy") and "| label=search_free | 2 | 1.000 |" in markdown
+
+
+def test_aggregate_without_searches_allowed():
+    rows = [{"kind": "", "search_label": "", "correct": True, "reward": 1.0, "format": 1.0, "image_searches": 0,
+             "text_searches": 0, "searches": 0, "turns": 1, "tool_errors": 0}]
+    table = aggregate(rows, 0, 0)
+    assert [r["group"] for r in table] == ["all", "kind=-", "label=-"] and table[0]["SR"] == 0.0
+    assert "| all | 1 | 1.000 |" in format_table(table)
+
+
+def test_command_line_runs_eval_end_to_end(tmp_path, tiny_model_dir, episode_tokenizer, monkeypatch, capsys):
+    made = []
+
+    def fake_engine(model_path, cfg, run_dir, **kwargs):
+        made.append((model_path, cfg, kwargs))
+        made.append(ScriptEngine(episode_tokenizer))
+        return made[-1]
+
+    monkeypatch.setattr(engine_module, "VllmEngine", fake_engine)
+    data = _write(tmp_path / "q.parquet")
+    conf = tmp_path / "actors.yaml"
+    conf.write_text("episode:\n  max_turns: 3\n  max_text_searches: 0\nsampling:\n  temperature: ${algo.temperature}\n"
+                    "cache_dir: ${run.cache_dir}\n")
+    code = cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "out"),
+                     "--limit", "3", "--split", "test", "--actors-conf", str(conf), "--cache-dir",
+                     str(tmp_path / "cache")])
+    assert code == 0 and made[1].started and made[1].closed
+    cfg, kwargs = made[0][1], made[0][2]
+    assert kwargs["max_images"] == 1 + 1 * 3 and kwargs["cache_dir"] == str(tmp_path / "cache")
+    out = capsys.readouterr().out
+    assert "| all | 3 |" in out and "3 questions" in out
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    # text search is not allowed by the conf: q2's text search ends its episode; no tool servers were given
+    assert rows[2]["finish_reason"] == "text_search_limit" and rows[1]["tool_errors"] == 1
+
+
+def test_command_line_arguments():
+    assert cli.parse_tools(["image_search=tcp://127.0.0.1:1,tcp://127.0.0.1:2", "text_search=tcp://127.0.0.1:3"]) \
+        == {"image_search": ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], "text_search": ["tcp://127.0.0.1:3"]}
+    with pytest.raises(ValueError, match="TOOL=ENDPOINT"):
+        cli.parse_tools(["image_search"])
+    cfg = cli.actors_conf(None, 0.5, "/c")
+    assert cfg == {"sampling": {"temperature": 0.5}, "cache_dir": "/c"}
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--model", "m"])  # --data and --out are required
