@@ -213,17 +213,19 @@ class RolloutActor:
         finally:
             self._run_done.set()
 
-    async def stop(self) -> None:
-        """Stop asking for admissions, let groups in flight finish and be acked (up to stop_timeout_s), close.
-        Groups not acked by then stay in the spool on disk (resent by the next actor with this run folder)."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop asking for admissions, let groups in flight finish and be acked (up to `timeout_s`, default
+        stop_timeout_s), close. Groups not acked by then stay in the spool on disk (resent by the next actor with
+        this run folder). Pass 0 when the learner has already closed its intake: no ack can come."""
+        timeout = self.cfg.stop_timeout_s if timeout_s is None else timeout_s
         if self._stopping is not None:
             self._stopping.set()
         if self._run_done is not None and self._poller is not None:
             try:
-                await asyncio.wait_for(self._run_done.wait(), self.cfg.stop_timeout_s)
+                await asyncio.wait_for(self._run_done.wait(), timeout)
             except asyncio.TimeoutError:
-                log.warning("%s: groups still in flight after %.0f s; closing anyway", self.actor_id,
-                            self.cfg.stop_timeout_s)
+                log.warning("%s: groups still in flight after %.0f s; closing anyway (kept in the spool)",
+                            self.actor_id, timeout)
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)

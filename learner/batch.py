@@ -171,7 +171,8 @@ def batch_stats(groups: Sequence[TrajectoryGroup], version: int, max_staleness: 
 
     The token-lag histogram has one key per lag, `staleness_hist_K` = generated tokens sampled K versions behind,
     always for K = 0..max_staleness (stable columns) and for any larger lag present; `stale_tokens` counts the
-    tokens beyond max_staleness (non-zero only when stale groups were trained, stale_policy=train)."""
+    tokens beyond max_staleness (non-zero only when stale groups were trained, stale_policy=train).
+    Per search label L of the step's groups: `search_ratio_L` and `accuracy_L` (the launch plots read them)."""
     trajectories = [t for g in groups for t in g.trajectories]
     n = max(len(trajectories), 1)
     lags: list[np.ndarray] = []
@@ -199,6 +200,12 @@ def batch_stats(groups: Sequence[TrajectoryGroup], version: int, max_staleness: 
         "multi_version_trajectories": float(multi_version),
         "zero_std_groups": float(sum(1 for g in groups if len({t.reward for t in g.trajectories}) <= 1)),
     }
+    for label in sorted({g.search_label for g in groups if g.search_label}):  # e.g. search_free / search_required
+        members = [t for g in groups if g.search_label == label for t in g.trajectories]
+        stats[f"search_ratio_{label}"] = float(
+            sum(1 for t in members if t.image_searches + t.text_searches > 0) / max(len(members), 1))
+        stats[f"accuracy_{label}"] = float(sum(t.reward_parts.get("accuracy", 0.0) for t in members)
+                                           / max(len(members), 1))
     counts = np.bincount(lag, minlength=max_staleness + 1) if lag.size else np.zeros(max_staleness + 1, np.int64)
     for k, count in enumerate(counts):
         stats[f"staleness_hist_{k}"] = float(count)
