@@ -303,6 +303,10 @@ def test_engine_that_keeps_dying_fails_the_actor(tmp_path):
         try:
             with pytest.raises(EngineError, match="died again after 1 restart"):
                 await asyncio.wait_for(actor.run(), 30)
+            for _ in range(100):  # the release is fire-and-forget: let the fake learner read it under load
+                if state["releases"]:
+                    break
+                await asyncio.sleep(0.05)
         finally:
             await actor.stop()
             await learner.close()
