@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from actors.config import ActorConfig
-from actors.engine import EngineError, VllmEngine
+from actors.engine import EngineError, engine_for_actor
 from actors.episode import EpisodeResult, EpisodeTokenizer, Question, ToolCaller, first_prompt_length, run_episode
 from actors.reward import compute_reward
 from actors.spool import Grant, GroupSpool
@@ -161,9 +161,7 @@ class RolloutActor:
     def _make_engine(self) -> Any:
         cfg = self.cfg
         transfer = "nccl" if self.learner_endpoints.get("weights_transport") == "nccl" else "file"
-        return VllmEngine(self.model_path, cfg.engine, self.actor_dir, cache_dir=cfg.cache_dir,
-                          max_model_len=cfg.episode.max_total_tokens, max_images=cfg.episode.max_images,
-                          seed=self.seed, weight_transfer=transfer)
+        return engine_for_actor(self.model_path, cfg, self.actor_dir, seed=self.seed, weight_transfer=transfer)
 
     def _make_tools(self) -> dict[str, ToolCaller]:
         from tool_servers.client import ToolClient

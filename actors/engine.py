@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 from PIL import Image
 
-from actors.config import EngineConfig, SamplingConfig
+from actors.config import ActorConfig, EngineConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -332,3 +332,11 @@ def _turn_output(out: Any) -> TurnOutput:
     return TurnOutput(prompt_token_ids=list(out.prompt_token_ids), token_ids=token_ids, logprobs=logprobs,
                       versions=versions, finish_reason=str(completion.finish_reason),
                       stop_reason=completion.stop_reason)
+
+
+def engine_for_actor(model_path: str | Path, actor: ActorConfig, run_dir: str | Path, *, seed: int | None = None,
+                     weight_transfer: str = "file") -> VllmEngine:
+    """The engine an actor config describes: its engine knobs, caches and the episode's length and image limits."""
+    return VllmEngine(model_path, actor.engine, run_dir, cache_dir=actor.cache_dir,
+                      max_model_len=actor.episode.max_total_tokens, max_images=actor.episode.max_images,
+                      seed=actor.seed if seed is None else seed, weight_transfer=weight_transfer)

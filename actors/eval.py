@@ -108,7 +108,7 @@ async def eval_dataset(model_path: str | Path, data_path: str | Path, out_dir: s
                        tokenizer: EpisodeTokenizer | None = None) -> dict[str, Any]:
     """Evaluate `model_path` on the questions of `data_path` (all rows, or `split`; the first `limit`); write the
     outputs to `out_dir` and return the summary. `engine`/`tokenizer` replace the vLLM engine (tests)."""
-    from actors.engine import VllmEngine
+    from actors.engine import engine_for_actor
 
     actor_cfg = ActorConfig.from_dict(cfg or {})
     out = Path(out_dir)
@@ -117,9 +117,7 @@ async def eval_dataset(model_path: str | Path, data_path: str | Path, out_dir: s
     tok = tokenizer or EpisodeTokenizer.from_pretrained(model_path)
     own_engine = engine is None
     if own_engine:
-        engine = VllmEngine(model_path, actor_cfg.engine, out, cache_dir=actor_cfg.cache_dir,
-                            max_model_len=actor_cfg.episode.max_total_tokens,
-                            max_images=actor_cfg.episode.max_images, seed=actor_cfg.seed)
+        engine = engine_for_actor(model_path, actor_cfg, out)
         await engine.start()
     tools = _tool_clients(tool_endpoints or {}, actor_cfg)
     metrics = Metrics()

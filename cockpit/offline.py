@@ -154,11 +154,9 @@ async def curate(model_path: str, data_path: str, out_dir: str, tools: Mapping[s
     tok = tokenizer or EpisodeTokenizer.from_pretrained(model_path)
     own_engine = engine is None
     if own_engine:
-        from actors.engine import VllmEngine
+        from actors.engine import engine_for_actor
 
-        engine = VllmEngine(model_path, searching.engine, out, cache_dir=searching.cache_dir,
-                            max_model_len=searching.episode.max_total_tokens,
-                            max_images=searching.episode.max_images, seed=searching.seed)
+        engine = engine_for_actor(model_path, searching, out)
         await engine.start()
     started = time.perf_counter()
     try:
