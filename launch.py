@@ -3,13 +3,16 @@
     python launch.py run.max_steps=3 run.out_dir=runs/demo       # the embedded default (CPU, tiny model)
     python launch.py actors.num_actors=2 tool_servers.image.replicas=2 learner.world_size=2
     python launch.py run.mode=eval run.eval.checkpoint=runs/demo/checkpoints    # also: run.mode=sync | curate
+    python launch.py algo=sft run.out_dir=runs/sft                # the warm start alone -> runs/sft/model
     python launch.py --cfg job                                    # print the resolved config
 
-Reads like DESIGN.md's diagram: world + model -> tool servers -> learner ranks -> rollout actors -> metrics loop.
-The pieces live in cockpit/ (Ray placement, metrics sinks, progress, eval/curate, plots).
+Reads like DESIGN.md's diagram: world + model (warm start on the learner ranks) -> tool servers -> learner ranks ->
+rollout actors -> metrics loop. The pieces live in cockpit/ (Ray placement, warm start, metrics sinks, progress,
+eval/curate, plots).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,11 +44,14 @@ def main(cfg: DictConfig) -> int:
     cluster: RayCluster | None = None
     roles: Roles | None = None
     try:
-        world, model_path = build_world_and_model(cfg)
-        (run_dir / RUN_MODEL_FILE).write_text(json.dumps({"model_path": str(model_path)}) + "\n")
-        questions = prepare_questions(conf["data"], world, run_dir)
+        world = build_world_and_base_model(cfg)
         cluster = RayCluster(conf["run"], run_dir, sockets.path)
         roles = Roles(conf)
+        if cfg.algo.name == "sft":
+            return run_sft(conf, roles, world, run_dir)
+        model_path = prepare_model(conf, roles, world, run_dir)
+        (run_dir / RUN_MODEL_FILE).write_text(json.dumps({"model_path": str(model_path)}) + "\n")
+        questions = prepare_questions(conf["data"], world, run_dir)
         tools = roles.start_tool_servers(world)
         if cfg.run.mode in ("eval", "curate"):
             return run_offline(conf, roles, model_path, questions, tools, sockets.path)
@@ -145,8 +151,9 @@ def configure_process_env(cfg: DictConfig, run_dir: Path) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
 
 
-def build_world_and_model(cfg: DictConfig) -> tuple[Any, Path]:
-    """The synthetic world (corpora + questions) and the model folder, both cached under run.cache_dir."""
+def build_world_and_base_model(cfg: DictConfig) -> Any:
+    """The synthetic world (corpora + questions) and, for the tiny model, its base weights (before any warm start),
+    both cached under run.cache_dir; a given model.path is checked."""
     from data import WorldConfig, ensure_world
     from models import ModelConfig, ensure_model
 
@@ -160,10 +167,63 @@ def build_world_and_model(cfg: DictConfig) -> tuple[Any, Path]:
     world = ensure_world(WorldConfig(**world_cfg), world_cache)
     log.info("world ready in %.1fs: %s", time.monotonic() - started, world.root)
     started = time.monotonic()
-    log.info("preparing the model (the tiny model's first build and warm start take a few minutes; cached after)")
-    model_path = ensure_model(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)), world, cache)
-    log.info("model ready in %.1fs: %s", time.monotonic() - started, model_path)
-    return world, model_path
+    model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    base = ensure_model(dataclasses.replace(model_cfg, warm_start=False), world, cache)
+    log.info("base model ready in %.1fs: %s", time.monotonic() - started, base)
+    return world
+
+
+def prepare_model(conf: dict, roles: Roles, world: Any, run_dir: Path) -> Path:
+    """The model RL starts from: model.path, or the tiny model warm-started by the learner's SFT (model.sft) on the
+    learner's placement (first time only: cached under run.cache_dir; its rows go to <run>/warm_start.jsonl)."""
+    from cockpit.sft import RaySftRunner
+    from cockpit.sinks import JsonlSink
+    from models import ModelConfig, ensure_model, warm_start_cached
+
+    model_cfg, cache = ModelConfig.from_dict(conf["model"]), conf["run"]["cache_dir"]
+    if warm_start_cached(model_cfg, world, cache):
+        return ensure_model(model_cfg, world, cache)
+    log.info("warm start of the tiny model: %d SFT steps on the learner ranks (first time only; cached after)",
+             model_cfg.sft_config().steps)
+    started = time.monotonic()
+    sink = JsonlSink(run_dir / "warm_start.jsonl")
+    try:
+        path = ensure_model(model_cfg, world, cache, learner=conf["learner"],
+                            runner=RaySftRunner(roles, sink, bool(conf["run"]["progress"])))
+    finally:
+        sink.close()
+    log.info("warm start done in %.1fs: %s", time.monotonic() - started, path)
+    return path
+
+
+def run_sft(conf: dict, roles: Roles, world: Any, run_dir: Path) -> int:
+    """algo=sft: the learner ranks fine-tune model.path (or the tiny model's base) on oracle episodes of the world;
+    the result is <run>/model, a Hugging Face folder; metrics rows go to the run's sinks."""
+    from cockpit.sft import RaySftRunner
+    from cockpit.sinks import Sinks
+    from models import ModelConfig, ensure_model
+    from models.ensure import build_once, checkpoint_dtype
+
+    model_cfg = ModelConfig.from_dict(conf["model"])
+    base = ensure_model(dataclasses.replace(model_cfg, warm_start=False), world, conf["run"]["cache_dir"])
+    dtype = checkpoint_dtype(base) if model_cfg.path else model_cfg.dtype
+    out = run_dir / "model"
+    if out.exists():
+        raise SystemExit(f"{out} already exists: give algo=sft a new run.out_dir")
+    sinks = Sinks(run_dir, conf["run"], conf)
+    started = time.monotonic()
+    try:
+        runner = RaySftRunner(roles, sinks, bool(conf["run"]["progress"]))
+        build_once(out, lambda tmp: {"kind": "sft", "base": str(base), "sft": conf["algo"],
+                                     "report": runner(base, world.root, tmp, {"learner": conf["learner"],
+                                                                              "sft": conf["algo"]}, dtype)})
+    finally:
+        sinks.close()
+    (run_dir / RUN_MODEL_FILE).write_text(json.dumps({"model_path": str(base)}) + "\n")  # what it trained from
+    shown = Path(conf["run"]["out_dir"]) / "model"
+    print(f"\nwarm start of {conf['algo']['steps']} steps in {time.monotonic() - started:.0f}s -> {shown}\n"
+          f"start RL from it: python launch.py model.path={shown}")
+    return 0
 
 
 def prepare_questions(data: dict, world: Any, run_dir: Path) -> Path:
@@ -190,6 +250,10 @@ def check_config(cfg: DictConfig) -> None:
         log.info("run.mode=sync: algo.max_staleness %s -> 0 (actors wait for each new version)",
                  cfg.algo.max_staleness)
         cfg.algo.max_staleness = 0
+    if cfg.algo.name == "sft":
+        if cfg.run.mode != "async":
+            raise SystemExit(f"algo=sft trains the warm start alone; run.mode={cfg.run.mode} does not apply (drop it)")
+        return
     if cfg.run.mode in ("async", "sync") and float(cfg.actors.sampling.temperature) != float(cfg.algo.temperature):
         raise SystemExit(
             f"actors.sampling.temperature={cfg.actors.sampling.temperature} but algo.temperature="

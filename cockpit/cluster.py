@@ -141,6 +141,14 @@ class Placement:
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_bundle_index=index, placement_group_capture_child_tasks=True)}
 
+    def release(self, group: Any) -> None:
+        """Remove one group now (a phase that ended, e.g. the warm start) so that its resources free up."""
+        from ray.util.placement_group import remove_placement_group
+
+        if group in self._groups:
+            self._groups.remove(group)
+            remove_placement_group(group)
+
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
 

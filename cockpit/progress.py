@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 log = logging.getLogger("forage.progress")
 
@@ -22,9 +22,13 @@ def status_text(row: Mapping[str, Any]) -> str:
 class ProgressDisplay:
     """`update(row)` after every metrics row; `close()` at the end. Live only when the console is a terminal."""
 
-    def __init__(self, max_steps: int, enabled: bool = True, console: Any = None) -> None:
+    def __init__(self, max_steps: int, enabled: bool = True, console: Any = None,
+                 status: Callable[[Mapping[str, Any]], str] = status_text, label: str = "step",
+                 log_every: int = 1) -> None:
         self.max_steps = max_steps
         self.enabled = enabled
+        self.status, self.label = status, label
+        self.log_every = max(1, log_every)  # without a terminal: a log line every this many steps (and the last)
         self._progress: Any = None
         self._handlers: list[tuple[logging.StreamHandler, Any]] = []
         if not enabled:
@@ -36,7 +40,7 @@ class ProgressDisplay:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._progress = Progress(TextColumn("[bold]step"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        self._progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                   TextColumn("{task.fields[status]}"), console=console, redirect_stdout=True,
                                   redirect_stderr=True)
         self._task = self._progress.add_task("training", total=max_steps, status="waiting for the first step")
@@ -51,9 +55,11 @@ class ProgressDisplay:
         if not self.enabled:
             return
         if self._progress is not None:
-            self._progress.update(self._task, completed=int(row.get("step", 0)), status=status_text(row))
+            self._progress.update(self._task, completed=int(row.get("step", 0)), status=self.status(row))
         else:
-            log.info("step %d/%d  %s", int(row.get("step", 0)), self.max_steps, status_text(row))
+            step = int(row.get("step", 0))
+            if step % self.log_every == 0 or step in (1, self.max_steps):
+                log.info("%s %d/%d  %s", self.label, step, self.max_steps, self.status(row))
 
     def close(self) -> None:
         if self._progress is not None:

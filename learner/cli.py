@@ -1,4 +1,5 @@
-"""Run the learner alone on one machine: `python -m learner --model PATH [--steps N] [--metrics out.jsonl]`.
+"""Run the learner alone on one machine: `python -m learner --model PATH [--steps N] [--metrics out.jsonl]`, or the
+warm start alone: `python -m learner --sft --model PATH --world WORLD_DIR --out DIR [--steps N]`.
 (The code lives here rather than in __main__.py because spawned ranks must import `_rank` by module name.)
 
 Spawns `learner.world_size` LearnerRank processes (gloo on 127.0.0.1), prints rank 0's endpoints as one JSON line
@@ -52,12 +53,20 @@ def _rank(rank: int, world_size: int, port: int, model: str, cfg: dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="local HF model folder (e.g. the tiny model from models/)")
-    parser.add_argument("--steps", type=int, default=10, help="optimiser steps before exiting")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimiser steps before exiting (default: 10; --sft: conf/algo/sft.yaml's)")
     parser.add_argument("--learner-conf", default=str(CONF / "learner" / "fsdp_cpu.yaml"))
     parser.add_argument("--algo-conf", default=str(CONF / "algo" / "grpo.yaml"))
     parser.add_argument("--metrics", default="", help="append per-step metrics rows (JSON lines) to this file")
+    parser.add_argument("--sft", action="store_true", help="the warm start (conf/algo/sft.yaml) instead of RL")
+    parser.add_argument("--sft-conf", default=str(CONF / "algo" / "sft.yaml"))
+    parser.add_argument("--world", default="", help="--sft: a synthetic world folder (questions.parquet, corpora)")
+    parser.add_argument("--out", default="", help="--sft: where the fine-tuned model folder is written")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.sft:
+        run_sft(args)
+        return
     cfg = {"learner": yaml.safe_load(Path(args.learner_conf).read_text()),
            "algo": yaml.safe_load(Path(args.algo_conf).read_text())}
     world_size = int(cfg["learner"].get("world_size", 2))
@@ -66,7 +75,7 @@ def main() -> None:
         port = probe.getsockname()[1]
     ctx = mp.get_context("spawn")
     out, stop = ctx.Queue(), ctx.Event()
-    ranks = [ctx.Process(target=_rank, args=(r, world_size, port, args.model, cfg, args.steps, out, stop))
+    ranks = [ctx.Process(target=_rank, args=(r, world_size, port, args.model, cfg, args.steps or 10, out, stop))
              for r in range(world_size)]
     for process in ranks:
         process.start()
@@ -92,3 +101,25 @@ def main() -> None:
     failed = [p.exitcode for p in ranks if p.exitcode]
     if failed:
         raise SystemExit(f"learner ranks exited with {failed}")
+
+
+def run_sft(args: argparse.Namespace) -> None:
+    from learner.sft import run_sft_local
+
+    if not args.world or not args.out:
+        raise SystemExit("--sft needs --world WORLD_DIR and --out DIR")
+    if Path(args.out).exists():
+        raise SystemExit(f"--out {args.out} already exists")
+    sft = yaml.safe_load(Path(args.sft_conf).read_text())
+    if args.steps is not None:
+        sft["steps"] = args.steps
+        sft["vision_steps"] = min(sft.get("vision_steps", 0), args.steps)
+    cfg = {"learner": yaml.safe_load(Path(args.learner_conf).read_text()), "sft": sft}
+
+    def write(row: dict) -> None:
+        if args.metrics:
+            with open(args.metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    report = run_sft_local(args.model, args.world, args.out, cfg, on_row=write)
+    print(json.dumps(report), flush=True)

@@ -35,6 +35,7 @@ def _from_dict(cls: type[C], values: Mapping[str, Any] | None) -> C:
 class AlgoConfig:
     """GRPO + off-policy correction knobs. Field names of the loss part are what `losses.policy_loss` reads."""
 
+    name: str = "grpo"  # conf/algo/<name>.yaml; the supervised warm start (algo=sft) is learner.sft.SftConfig
     group_size: int = 4
     groups_per_step: int = 2
     max_staleness: int = 1
@@ -57,6 +58,8 @@ class AlgoConfig:
     std_normalize: bool = True
 
     def __post_init__(self) -> None:
+        if self.name != "grpo":
+            raise ValueError(f"algo.name={self.name!r}: the RL learner runs algo=grpo (algo=sft is learner.sft)")
         if self.correction not in CORRECTIONS:
             raise ValueError(f"algo.correction={self.correction!r}; expected one of {CORRECTIONS}")
         if self.agg not in AGGREGATIONS:

@@ -2,6 +2,9 @@
 policy loss (+ KL, − entropy) over micro-batches with gradient accumulation, gradient clipping, and an AdamW step at
 the scheduled learning rate. The process group must already be initialised.
 
+`objective="sft"` (the warm start, learner/sft.py) trains the same way on the negative log-likelihood of the loss
+tokens instead: the same plan, collation, FSDP2 collectives, clipping and schedule, no proximal pass.
+
 Every rank calls `train_step` with the *whole* batch; the deterministic plan (learner.packing.plan_step) gives each
 rank its share and the same number of micro-batches, so the FSDP2 collectives line up.
 """
@@ -24,6 +27,7 @@ from learner.packing import Collator, MicroBatch, Sample, plan_step
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("tokens", "clip_frac", "is_weight_mean", "is_weight_max", "masked_frac", "approx_kl")
+OBJECTIVES = ("policy", "sft")
 
 
 class BatchError(RuntimeError):
@@ -104,14 +108,29 @@ def token_logprobs(model: nn.Module, batch: MicroBatch, device: torch.device, dt
     return forward_logprobs(model, batch, device, dtype, temperature=temperature)[0]
 
 
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, agg: str, total: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Negative log-likelihood of the loss tokens, aggregated like the policy loss (`total` = the whole batch's
+    denominator), with the policy loss's metric keys (the ratio metrics are 0: there is no ratio)."""
+    if not torch.isfinite(torch.where(mask, logp.detach(), 0.0)).all():
+        raise ValueError("non-finite log-probs on loss tokens")
+    metrics = dict.fromkeys(METRIC_KEYS, 0.0)
+    metrics["tokens"] = float(mask.sum())
+    return aggregate(-logp, mask, agg, total), metrics
+
+
 class Trainer:
     """Model + optimiser of one rank; `train_step(samples)` is a collective over the FSDP2 world."""
 
     def __init__(self, model_path: str, learner: LearnerConfig, algo: AlgoConfig,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, objective: str = "policy") -> None:
         from transformers import AutoConfig, AutoImageProcessor
 
-        self.learner, self.algo = learner, algo
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; expected one of {OBJECTIVES}")
+        if objective == "sft" and (algo.needs_proximal or algo.needs_reference or algo.temperature != 1.0):
+            raise ValueError("objective=sft needs an AlgoConfig without proximal pass, reference or temperature "
+                             "(correction=bypass, kl_coef=0, temperature=1); see learner.sft.SftConfig.algo_config")
+        self.learner, self.algo, self.objective = learner, algo, objective
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device or torch.device("cpu")
@@ -184,8 +203,11 @@ class Trainer:
             mask = mb.loss_mask.to(self.device)
             kl_sum = entropy_sum = 0.0
             try:
-                loss, m = policy_loss(logp, prox_mb, mb.behav_logp.to(self.device), mb.advantages.to(self.device),
-                                      mask, algo, total=denominator)
+                if self.objective == "sft":
+                    loss, m = sft_loss(logp, mask, algo.agg, denominator)
+                else:
+                    loss, m = policy_loss(logp, prox_mb, mb.behav_logp.to(self.device),
+                                          mb.advantages.to(self.device), mask, algo, total=denominator)
                 if ref_mb is not None:
                     kl = kl_penalty(logp, ref_mb, algo.kl_kind, mask)
                     loss = loss + algo.kl_coef * aggregate(kl, mask, algo.agg, denominator)

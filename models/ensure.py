@@ -1,5 +1,6 @@
 """Resolves the `model` config to a local HF folder: a given checkpoint path (validated), or the tiny model built
-for the world and warm-started, each cached by hash under the cache root and written atomically.
+for the world and warm-started by the learner's SFT (learner/sft.py, settings in model.sft = conf/algo/sft.yaml),
+each cached by hash under the cache root and written atomically.
 """
 from __future__ import annotations
 
@@ -15,18 +16,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
-from data.oracle import OracleConfig, oracle_texts
+from data.oracle import oracle_texts
 from data.world import WorldPaths, load_world, world_texts
 from models.tiny import TinyModelConfig, build_tiny_model
-from models.warmstart import WarmStartConfig, warm_start
 
 log = logging.getLogger(__name__)
 
 # Bump when the builder or warm start changes what they write for the same config.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
+# (base model folder, world root, out folder, {"learner": ..., "sft": ...}, dtype) -> report; learner.sft's
+# run_sft_local by default, a Ray placement in launch.py (cockpit/sft.py).
+SftRunner = Callable[[Path, Path, Path, dict, str], dict]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BUILD_INFO = "forage_build.json"
 
@@ -36,16 +40,10 @@ class ModelConfig:
     """conf/model: which model the actors and learner load."""
 
     path: str | None = None  # a local HF checkpoint folder; None builds the tiny model for the world
-    warm_start: bool = True  # tiny model only: fine-tune on oracle episodes before RL
-    warm_start_steps: int = 550  # SFT steps in all (~90 s on one thread)
-    warm_start_vision_steps: int = 200  # of which the first train on pixel questions only
-    warm_start_batch_size: int = 8
-    warm_start_lr: float = 2e-3
-    pixel_search_fraction: float = 0.5  # oracle: search-free questions that still search first
-    fresh_name_fraction: float = 0.5  # oracle: search episodes with names swapped for fresh ones
-    seed: int = 0  # warm-start sampling and order (TinyModelConfig.seed seeds the initial weights)
+    warm_start: bool = True  # tiny model only: the learner's SFT on oracle episodes (model.sft) before RL
     dtype: str = "float32"  # dtype of the saved weights: float32 | bfloat16 (vLLM on CPU takes both)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    sft: dict = field(default_factory=dict)  # learner.sft.SftConfig fields (conf/algo/sft.yaml); {} = its defaults
 
     @classmethod
     def from_dict(cls, values: Mapping) -> ModelConfig:
@@ -56,20 +54,20 @@ class ModelConfig:
         unknown_tiny = set(tiny) - {f.name for f in dataclasses.fields(TinyModelConfig)}
         if unknown or unknown_tiny:
             raise ValueError(f"unknown model config keys: {sorted(unknown)} tiny: {sorted(unknown_tiny)}")
+        values["sft"] = dict(values.get("sft") or {})
         return cls(**values, tiny=TinyModelConfig(**tiny))
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r}; known: {sorted(DTYPES)}")
         self.tiny.validate()
-        self.warm_start_config().validate()
+        self.sft_config()
 
-    def warm_start_config(self) -> WarmStartConfig:
-        return WarmStartConfig(
-            steps=self.warm_start_steps, vision_steps=self.warm_start_vision_steps,
-            batch_size=self.warm_start_batch_size, lr=self.warm_start_lr,
-            seed=self.seed, oracle=OracleConfig(pixel_search_fraction=self.pixel_search_fraction,
-                                                fresh_name_fraction=self.fresh_name_fraction))
+    def sft_config(self) -> Any:
+        """model.sft as a validated learner.sft.SftConfig."""
+        from learner.sft import SftConfig
+
+        return SftConfig.from_dict(self.sft)
 
 
 def _hash(payload: dict) -> str:
@@ -89,7 +87,14 @@ def check_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def _build_once(target: Path, build: Callable[[Path], dict]) -> Path:
+def checkpoint_dtype(path: Path | str) -> str:
+    """The weight dtype a model folder's config.json declares (`dtype`, or the older `torch_dtype`); float32 if none."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def build_once(target: Path, build: Callable[[Path], dict]) -> Path:
     """Runs `build(tmp_dir)` unless `target` exists, then renames the temp dir to `target` (atomic)."""
     if (target / BUILD_INFO).exists():
         return target
@@ -111,15 +116,18 @@ def _build_once(target: Path, build: Callable[[Path], dict]) -> Path:
     return target
 
 
-def ensure_model(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Path | str) -> Path:
-    """A local model folder for `model_cfg`: `path` validated as is, or the (warm-started) tiny model, cached."""
+def ensure_model(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Path | str,
+                 learner: Optional[Mapping[str, Any]] = None, runner: Optional[SftRunner] = None) -> Path:
+    """A local model folder for `model_cfg`: `path` validated as is, or the (warm-started) tiny model, cached.
+
+    The warm start is the learner's SFT (`model.sft`) with the `learner` settings (world size, backend; default
+    one rank), run by `runner` (default: learner.sft.run_sft_local, ranks spawned on this machine)."""
     if model_cfg.path:
         return check_model_path(model_cfg.path)
     model_cfg.validate()
     cache_root = Path(cache_root)
     world_hash = world_paths.config_hash()
-    base_key = _hash({"version": BUILD_VERSION, "tiny": dataclasses.asdict(model_cfg.tiny), "world": world_hash,
-                      "dtype": model_cfg.dtype})
+    base_key, warm_key = _cache_keys(model_cfg, world_paths)
     dtype = DTYPES[model_cfg.dtype]
 
     def build_base(out: Path) -> dict:
@@ -128,20 +136,34 @@ def ensure_model(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Pa
         build_tiny_model(model_cfg.tiny, texts, out, dtype=dtype)
         return {"kind": "tiny", "tiny": dataclasses.asdict(model_cfg.tiny), "world": world_hash}
 
-    base = _build_once(cache_root / f"tiny-{base_key}", build_base)
+    base = build_once(cache_root / f"tiny-{base_key}", build_base)
     if not model_cfg.warm_start:
         return base
-    ws_cfg = model_cfg.warm_start_config()
-    warm_key = _hash({"version": BUILD_VERSION, "base": base_key, "warm_start": dataclasses.asdict(ws_cfg)})
+    sft = dataclasses.asdict(model_cfg.sft_config())
+    learner_cfg = dict(learner or {"world_size": 1})
 
     def build_warm(out: Path) -> dict:
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)  # the brief's budget is one thread; other processes share the cores
-        try:
-            report = warm_start(base, world_paths, out, ws_cfg, dtype=dtype)
-        finally:
-            torch.set_num_threads(prev)
-        log.info("warm start done: %s", report)
-        return {"kind": "tiny-warm", "base": base.name, "warm_start": dataclasses.asdict(ws_cfg), "report": report}
+        run = runner
+        if run is None:
+            from learner.sft import run_sft_local as run
+        report = run(base, world_paths.root, out, {"learner": learner_cfg, "sft": sft}, model_cfg.dtype)
+        log.info("warm start done: %s", {k: v for k, v in report.items() if k != "files"})
+        return {"kind": "tiny-warm", "base": base.name, "sft": sft, "report": report}
 
-    return _build_once(cache_root / f"tiny-{base_key}-warm-{warm_key}", build_warm)
+    return build_once(cache_root / f"tiny-{base_key}-warm-{warm_key}", build_warm)
+
+
+def _cache_keys(model_cfg: ModelConfig, world_paths: WorldPaths) -> tuple[str, str]:
+    """(base model key, warm-start key) of the cache folders `tiny-<base>` and `tiny-<base>-warm-<warm>`."""
+    base_key = _hash({"version": BUILD_VERSION, "tiny": dataclasses.asdict(model_cfg.tiny),
+                      "world": world_paths.config_hash(), "dtype": model_cfg.dtype})
+    warm_key = _hash({"version": BUILD_VERSION, "base": base_key, "sft": dataclasses.asdict(model_cfg.sft_config())})
+    return base_key, warm_key
+
+
+def warm_start_cached(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Path | str) -> bool:
+    """Whether `ensure_model` would return without training (a given path, no warm start, or a cached one)."""
+    if model_cfg.path or not model_cfg.warm_start:
+        return True
+    base_key, warm_key = _cache_keys(model_cfg, world_paths)
+    return (Path(cache_root) / f"tiny-{base_key}-warm-{warm_key}" / BUILD_INFO).exists()

@@ -1,12 +1,11 @@
-"""Warm start: supervised fine-tuning of a (tiny) model on oracle episodes, rendered with the processor's chat
-template exactly as an actor shows them, with the loss on assistant tokens only; and a greedy multi-turn
-evaluation with simulated tools (`evaluate_warmstart`).
+"""Oracle episodes rendered with the processor's whole chat template (`encode_episode`: an independent rendering the
+tests compare learner/sft.py's piecewise, actor-exact tokenisation against), and a greedy multi-turn evaluation of
+a warm-started model with simulated tools (`evaluate_warmstart`). The warm start itself is the learner's SFT
+(learner/sft.py, `algo=sft`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -18,37 +17,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from actors import prompts
 from data.oracle import (
-    OracleConfig, OracleEpisode, SearchHit, episode_messages, image_hits, oracle_episode, text_hits,
+    OracleConfig, OracleEpisode, SearchHit, episode_messages, image_hits, text_hits,
 )
 from data.render import decode_image
 from data.world import KINDS, World, WorldPaths, load_world
 from models.tokenizer import IM_END, IM_START
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WarmStartConfig:
-    steps: int = 550  # optimiser steps in all, the vision steps included
-    # The first steps train on search-free pixel questions answered directly (short, cheap episodes). Measured:
-    # from a random init, the full mixture (many result thumbnails per episode) never started reading the
-    # question image within 800 steps, while pixel episodes alone do within ~200; once formed, the mixture keeps
-    # improving it.
-    vision_steps: int = 200
-    batch_size: int = 8
-    lr: float = 2e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    oracle: OracleConfig = OracleConfig()
-
-    def validate(self) -> None:
-        if (self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup_steps < 0
-                or not 0 <= self.vision_steps <= self.steps):
-            raise ValueError(f"bad warm-start schedule: steps={self.steps} vision_steps={self.vision_steps} "
-                             f"batch_size={self.batch_size} lr={self.lr} warmup_steps={self.warmup_steps}")
-        self.oracle.validate()
 
 
 @dataclass
@@ -126,77 +101,6 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     target = labels[:, 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=-100)
-
-
-def _length_bucketed(processor, world: World, rows: list[dict], rng: np.random.Generator, oracle: OracleConfig,
-                     batch_size: int, buckets: int = 4) -> list[EncodedEpisode]:
-    """`buckets` batches of fresh oracle episodes, each batch of similar lengths (less padding), in random order.
-
-    Fresh episodes every time: new search decisions, distractors and stand-in names.
-    """
-    size = batch_size * buckets
-    picks = rng.choice(len(rows), size=size, replace=len(rows) < size)
-    encoded = sorted((encode_episode(processor, oracle_episode(rows[int(i)], world, rng, oracle)) for i in picks),
-                     key=lambda e: len(e.input_ids))
-    batches = [encoded[b * batch_size: (b + 1) * batch_size] for b in range(buckets)]
-    return [e for b in rng.permutation(buckets) for e in batches[int(b)]]
-
-
-def warm_start(model_dir: Path | str, world_paths: WorldPaths, out_dir: Path | str,
-               cfg: WarmStartConfig = WarmStartConfig(), dtype: torch.dtype = torch.float32) -> dict:
-    """Fine-tunes the model in `model_dir` on fresh oracle episodes of the train split; saves it to `out_dir`.
-
-    Returns a small report (steps, seconds, final loss). Single process; the caller sets the torch threads.
-    """
-    cfg.validate()
-    torch.manual_seed(cfg.seed)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    model.train()
-    world = load_world(world_paths)
-    rows = [q for q in world.questions if q["split"] == "train"]
-    pixel_rows = [q for q in rows if q["kind"] == "pixels"]
-    if not rows or (cfg.vision_steps and not pixel_rows):
-        raise ValueError(f"world {world_paths.root} has {len(rows)} train questions, {len(pixel_rows)} of kind pixels")
-    no_search = dataclasses.replace(cfg.oracle, pixel_search_fraction=0.0)
-    rng = np.random.default_rng([cfg.seed, 29])
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    pad_id = processor.tokenizer.pad_token_id
-    start, losses = time.monotonic(), []
-    pending: list[EncodedEpisode] = []
-    for step in range(cfg.steps):
-        if step == cfg.vision_steps:
-            pending = []  # switch to the full mixture now
-        if not pending:
-            phase_rows, oracle = (pixel_rows, no_search) if step < cfg.vision_steps else (rows, cfg.oracle)
-            pending = _length_bucketed(processor, world, phase_rows, rng, oracle, cfg.batch_size)
-        batch = collate(pending[: cfg.batch_size], pad_id)
-        del pending[: cfg.batch_size]
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(step)
-        loss = sft_loss(model, batch)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimiser.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.steps - 1:
-            log.info("warm start step %d/%d loss %.4f (%.1fs)", step + 1, cfg.steps, losses[-1],
-                     time.monotonic() - start)
-    seconds = time.monotonic() - start
-    model.eval()
-    out_dir = Path(out_dir)
-    model.to(dtype).save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return {"steps": cfg.steps, "seconds": seconds, "final_loss": float(np.mean(losses[-10:])),
-            "first_loss": losses[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------------

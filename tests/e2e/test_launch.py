@@ -8,7 +8,8 @@ world and tiny-model build, ~3 min, in the first launch of a fresh clone):
   2. eval of that run's checkpoint over an FVQA-style parquet (bytes in an `images` list, `reward_model` answers);
   3. sync mode (staleness 0), then Ctrl-C: actors flush, the learner checkpoints, every process ends;
   4. curate over an image folder (metadata.jsonl), k=2: labels and a balanced subset actors can read;
-  5. two Ray nodes (head + worker on loopback) joined with run.ray_address: learner on one, actors on the other.
+  5. two Ray nodes (head + worker on loopback) joined with run.ray_address: learner on one, actors on the other;
+  6. algo=sft: the warm start alone on the learner ranks writes <run>/model, which curate (4) then serves on vLLM.
 Every launch must stop all it started and listen on nothing but loopback.
 """
 from __future__ import annotations
@@ -174,6 +175,10 @@ def test_scaled_async_run_places_every_role_and_writes_every_sink(scaled_run):
     assert (run.out / "checkpoints" / "step_00000002" / "learner_state.json").is_file()  # final checkpoint
     summary = json.loads((run.out / "summary.json").read_text())
     assert 0 < summary["peak_mem_gib"] < 16
+    warm = run.out / "warm_start.jsonl"
+    if warm.exists():  # a fresh cache (CI's clean clone): this launch ran the tiny model's warm start on Ray
+        steps = [json.loads(line)["step"] for line in warm.read_text().splitlines()]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) == 550, steps[-3:]
     run.assert_nothing_left()
 
 
@@ -252,12 +257,47 @@ def test_sync_mode_trains_fresh_groups_and_ctrl_c_checkpoints_and_stops_everythi
     run.assert_nothing_left()
 
 
+# ---------------------------------------------------------------------------------------------- 6: algo=sft
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> LaunchWatch:
+    run = LaunchWatch(tmp_path_factory.mktemp("sft") / "run", "algo=sft", "algo.steps=24", "algo.vision_steps=8",
+                      "learner.world_size=2")
+    run.wait()
+    print(f"sft launch: {run.seconds:.0f}s")
+    return run
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_sft_alone_trains_on_the_learner_ranks_and_writes_a_model(sft_run):
+    run = sft_run
+    assert run.proc.returncode == 0, run.output[-6000:]
+    rows = run.rows()
+    assert [r["step"] for r in rows] == list(range(1, 25)), run.output[-3000:]
+    assert [r["vision_phase"] for r in rows] == [1.0] * 8 + [0.0] * 16
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-4:]) / 4
+    assert last < first - 1.0, (first, last)
+    model = run.out / "model"
+    base = Path(json.loads((run.out / "model.json").read_text())["model_path"])  # what it trained from
+    assert base.name.startswith("tiny-") and "-warm-" not in base.name
+    assert (model / "model.safetensors").is_file() and (model / "tokenizer.json").is_file()
+    assert json.loads((model / "forage_build.json").read_text())["report"]["steps"] == 24
+    assert f"model.path={model}" in run.output
+    roles = json.loads((run.out / "roles.json").read_text())
+    assert not roles["actors"] and not roles["tool_servers"]
+    run.assert_nothing_left()
+
+
 # ---------------------------------------------------------------------------------------------- 4: curate
 
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_curate_mode_labels_an_image_folder_and_writes_a_balanced_subset(tmp_path):
+def test_curate_mode_labels_an_image_folder_and_writes_a_balanced_subset(sft_run, tmp_path):
+    """Also: vLLM serves the folder algo=sft wrote (model.path)."""
+    assert sft_run.proc.returncode == 0
     folder = tmp_path / "images"
     folder.mkdir()
     world = pq.read_table(_world_questions()).to_pylist()
@@ -269,7 +309,7 @@ def test_curate_mode_labels_an_image_folder_and_writes_a_balanced_subset(tmp_pat
                                    "aliases": r["aliases"], "search_label": r["search_label"]}) + "\n")
 
     run = LaunchWatch(tmp_path / "curate", "run.mode=curate", "run.curate.k=2", f"data.path={folder}",
-                      "data.dataset=folder")
+                      "data.dataset=folder", f"model.path={sft_run.out / 'model'}")
     run.wait()
     print(f"curate launch: {run.seconds:.0f}s")
     assert run.proc.returncode == 0, run.output[-6000:]

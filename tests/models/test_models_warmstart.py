@@ -1,16 +1,14 @@
-"""Warm start: the loss mask covers exactly the assistant turns, a few SFT steps lower the loss, and the
-evaluation runs episodes end to end and scores them."""
+"""The whole-template rendering of oracle episodes (the loss mask covers exactly the assistant turns) and the
+warm-start evaluation, which runs episodes end to end and scores them. The warm start itself is tested in
+tests/learner/test_learner_sft.py."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoProcessor
 
-from data.oracle import OracleConfig, oracle_episode
-from models.warmstart import (
-    WarmStartConfig, assistant_mask, collate, encode_episode, evaluate_warmstart, is_correct, sft_loss, warm_start,
-)
+from data.oracle import oracle_episode
+from models.warmstart import assistant_mask, collate, encode_episode, evaluate_warmstart, is_correct
 
 
 def test_assistant_mask_by_hand():
@@ -46,21 +44,6 @@ def test_collate_pads_right_and_masks_labels(tiny_dir, small_world):
     assert batch["pixel_values"].shape[0] == sum(e.pixel_values.shape[0] for e in encs)
 
 
-def test_a_few_steps_lower_the_loss(tiny_dir, small_paths, small_world, tmp_path):
-    cfg = WarmStartConfig(steps=12, vision_steps=4, batch_size=4, lr=3e-3)
-    report = warm_start(tiny_dir, small_paths, tmp_path / "warm", cfg)
-    assert report["final_loss"] < report["first_loss"] - 1.0
-    # The saved folder loads and its loss on fresh episodes is below the untrained model's.
-    processor = AutoProcessor.from_pretrained(tmp_path / "warm")
-    rng = np.random.default_rng(7)
-    batch = collate([encode_episode(processor, oracle_episode(r, small_world, rng)) for r in small_world.questions[:8]],
-                    processor.tokenizer.pad_token_id)
-    with torch.no_grad():
-        before = sft_loss(AutoModelForImageTextToText.from_pretrained(tiny_dir), batch)
-        after = sft_loss(AutoModelForImageTextToText.from_pretrained(tmp_path / "warm"), batch)
-    assert after < before
-
-
 def test_evaluation_scores_episodes(tiny_dir, small_paths):
     report = evaluate_warmstart(tiny_dir, small_paths, split="test", per_kind=1, max_turns=2, max_new_tokens=8)
     assert report["questions"] == 4
@@ -73,10 +56,3 @@ def test_answer_matching_normalises_and_uses_aliases():
     assert is_correct(" Quenby ", "quenby", [])
     assert is_correct("the city of quenby.", "quenby", ["the city of quenby"])
     assert not is_correct("quenb", "quenby", ["quenby city"])
-
-
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=0), dict(lr=0.0), dict(steps=5, vision_steps=6),
-                                 dict(oracle=OracleConfig(fresh_name_fraction=2.0))])
-def test_bad_warm_start_config_is_rejected(bad, tiny_dir, small_paths, tmp_path):
-    with pytest.raises(ValueError):
-        warm_start(tiny_dir, small_paths, tmp_path, WarmStartConfig(**bad))
