@@ -41,6 +41,7 @@ class ModelConfig:
 
     path: str | None = None  # a local HF checkpoint folder; None builds the tiny model for the world
     warm_start: bool = True  # tiny model only: the learner's SFT on oracle episodes (model.sft) before RL
+    warm_start_ranks: Optional[int] = 1  # learner ranks of that warm start; None = learner.world_size
     dtype: str = "float32"  # dtype of the saved weights: float32 | bfloat16 (vLLM on CPU takes both)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     sft: dict = field(default_factory=dict)  # learner.sft.SftConfig fields (conf/algo/sft.yaml); {} = its defaults
@@ -60,6 +61,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r}; known: {sorted(DTYPES)}")
+        if self.warm_start_ranks is not None and self.warm_start_ranks < 1:
+            raise ValueError(f"model.warm_start_ranks={self.warm_start_ranks}; need >= 1 or null")
         self.tiny.validate()
         self.sft_config()
 
@@ -120,8 +123,9 @@ def ensure_model(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Pa
                  learner: Optional[Mapping[str, Any]] = None, runner: Optional[SftRunner] = None) -> Path:
     """A local model folder for `model_cfg`: `path` validated as is, or the (warm-started) tiny model, cached.
 
-    The warm start is the learner's SFT (`model.sft`) with the `learner` settings (world size, backend; default
-    one rank), run by `runner` (default: learner.sft.run_sft_local, ranks spawned on this machine)."""
+    The warm start is the learner's SFT (`model.sft`) with the `learner` settings (backend, precision, budget) on
+    `model.warm_start_ranks` ranks (None: `learner["world_size"]`), run by `runner` (default:
+    learner.sft.run_sft_local, ranks spawned on this machine)."""
     if model_cfg.path:
         return check_model_path(model_cfg.path)
     model_cfg.validate()
@@ -140,7 +144,8 @@ def ensure_model(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Pa
     if not model_cfg.warm_start:
         return base
     sft = dataclasses.asdict(model_cfg.sft_config())
-    learner_cfg = dict(learner or {"world_size": 1})
+    learner_cfg = dict(learner or {})
+    learner_cfg["world_size"] = model_cfg.warm_start_ranks or int(learner_cfg.get("world_size", 1))
 
     def build_warm(out: Path) -> dict:
         run = runner

@@ -59,12 +59,18 @@ def test_warm_started_model_is_cached_beside_its_base(tmp_path, small_paths):
     calls = []
 
     def runner(base, world_root, out, cfg_, dtype):
-        calls.append((base, cfg_["sft"]["steps"], dtype))
+        calls.append((base, cfg_["sft"]["steps"], dtype, cfg_["learner"]["world_size"]))
         (out / "config.json").write_text("{}")
         return {"steps": cfg_["sft"]["steps"]}
 
-    other = ensure_model(ModelConfig(sft={"steps": 3, "vision_steps": 1}), small_paths, tmp_path, runner=runner)
-    assert other != warm and calls == [(tmp_path / info["base"], 3, "float32")]
+    learner = {"world_size": 2, "threads": 1}
+    other = ensure_model(ModelConfig(sft={"steps": 3, "vision_steps": 1}), small_paths, tmp_path, learner, runner)
+    assert other != warm and calls == [(tmp_path / info["base"], 3, "float32", 1)]  # warm_start_ranks: 1
+    ensure_model(ModelConfig(sft={"steps": 4, "vision_steps": 1}, warm_start_ranks=None), small_paths, tmp_path,
+                 learner, runner)
+    assert calls[-1][3] == 2  # null: the learner's world size
+    with pytest.raises(ValueError, match="warm_start_ranks"):
+        ensure_model(ModelConfig(warm_start_ranks=0), small_paths, tmp_path)
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, small_paths, monkeypatch):
