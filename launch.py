@@ -57,6 +57,7 @@ def main(cfg: DictConfig) -> int:
             return run_offline(conf, roles, model_path, questions, tools, sockets.path)
         learner = roles.start_learner(model_path)
         roles.start_actors(model_path, questions, tools, learner, sockets.path)
+        roles.write_manifest(run_dir)  # where every role runs, readable while the run goes (rewritten at the end)
         roles.start_training(int(cfg.run.max_steps))
         return stream_metrics(conf["run"], run_dir, roles, memory, conf)
     except KeyboardInterrupt:

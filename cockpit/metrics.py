@@ -52,18 +52,22 @@ class MemorySampler:
         self._thread.join(timeout=10)
 
 
-def summarize_actors(snapshots: list[Mapping[str, float]]) -> dict[str, float]:
+def summarize_actors(snapshots: list[Mapping[str, float]],
+                     supervision: Mapping[str, float] | None = None) -> dict[str, float]:
     """The actors' side of a metrics row: how many report, the policy versions they run, totals of their counters,
-    and the slowest actor's view of tool latency (client side: queueing + network + search)."""
+    and the slowest actor's view of tool latency (client side: queueing + network + search); plus the supervisor's
+    counts (`Roles.actor_supervision`: actor_restarts, actors_restarting, actor_snapshots_missed). A restarted
+    actor's counters start again from 0 in its new process."""
+    view: dict[str, float] = dict(supervision or {})
     if not snapshots:
-        return {}
-    view: dict[str, float] = {
+        return {**view, "actors_reporting": 0.0} if view else {}
+    view |= {
         "actors_reporting": float(len(snapshots)),
         "actor_policy_version_min": min(s.get("actor_policy_version", -1) for s in snapshots),
         "actor_policy_version_max": max(s.get("actor_policy_version", -1) for s in snapshots),
     }
     for key in ("weight_updates", "weight_errors", "episodes", "tool_errors", "groups_played", "tokens_generated",
-                "engine_restarts", "group_failures", "admissions_denied"):
+                "engine_restarts", "group_failures", "admissions_denied", "spool_resent", "spool_replayed"):
         view[f"actor_{key}"] = sum(s.get(f"actor_{key}", 0.0) for s in snapshots)
     update_p50 = [s["actor_weight_update_s_p50"] for s in snapshots if "actor_weight_update_s_p50" in s]
     if update_p50:
@@ -115,10 +119,10 @@ def stream_metrics(run: Mapping[str, Any], run_dir: Path, roles: Any, memory: Me
     steps, last_wall = 0, 0.0
     try:
         while True:
-            finished = roles.check_failures()
+            finished = roles.check_failures()  # also restarts actors whose process died (Roles.supervise_actors)
             rows = roles.drain_learner_metrics()
             if rows:
-                context = summarize_actors(roles.actor_metrics())
+                context = summarize_actors(roles.actor_metrics(), roles.actor_supervision())
                 context.update(summarize_tools(roles.tool_stats()))
             for row in rows:
                 wall = round(time.monotonic() - started, 3)
