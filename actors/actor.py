@@ -185,8 +185,11 @@ class RolloutActor:
         try:
             while await self._take_slots(group_slots):
                 _reap(groups)
-                reply = await self.link.request_admission()
+                request_id = uuid.uuid4().hex
+                self._spool.record_request(request_id)  # a crash before the answer is recorded releases it
+                reply = await self.link.request_admission(request_id)
                 if not reply.granted:
+                    self._spool.drop_request(request_id)
                     group_slots.release()
                     self._spool.release()
                     if reply.stopping:
@@ -289,25 +292,30 @@ class RolloutActor:
         question = self._order.next()
         grant = Grant(request_id=reply.request_id, question_id=question.id, version=reply.version)
         self._spool.record_grant(grant)
+        self._spool.drop_request(reply.request_id)
         return asyncio.create_task(self._admitted_group(grant, question, group_slots, acquire=False),
                                    name=f"{self.actor_id}-group")
 
     def _resume_spool(self, group_slots: asyncio.Semaphore) -> list[asyncio.Task]:
         """Tasks for what a previous actor with this folder left: resend its finished groups, re-play its grants."""
         assert self._spool is not None
+        unanswered = self._spool.unanswered_requests()
         grants, groups = self._spool.leftovers()
+        tasks = [asyncio.create_task(self._release_unanswered(request_id)) for request_id in unanswered]
         if not (grants or groups):
-            return []
+            return tasks
         if not self.cfg.spool_resume:
             self._metrics.inc("spool_discarded", self._spool.discard_leftovers())
-            log.warning("%s: discarded %d leftover group(s) and %d grant(s) (spool_resume=false)", self.actor_id,
-                        len(groups), len(grants))
-            return []
+            log.warning("%s: discarded %d leftover group(s) and %d grant(s) (spool_resume=false); their admissions "
+                        "are given back", self.actor_id, len(groups), len(grants))
+            for grant in grants:
+                tasks.append(asyncio.create_task(self._release_unanswered(grant.request_id, "spool_resume=false")))
+            return tasks
         log.info("%s: resending %d spooled group(s), re-playing %d admitted group(s)", self.actor_id, len(groups),
                  len(grants))
         self._metrics.inc("spool_resent", len(groups))
         self._metrics.inc("spool_replayed", len(grants))
-        tasks = [asyncio.create_task(self._leftover_group(group)) for group in groups]
+        tasks += [asyncio.create_task(self._leftover_group(group)) for group in groups]
         for grant in grants:
             question = self._questions.get(grant.question_id)
             if question is None:  # the data changed: the group can never be played
@@ -315,6 +323,16 @@ class RolloutActor:
             else:
                 tasks.append(asyncio.create_task(self._admitted_group(grant, question, group_slots, acquire=True)))
         return tasks
+
+    async def _release_unanswered(self, request_id: str,
+                                  reason: str = "the actor restarted before recording the answer") -> None:
+        """Give back an admission a previous process of this actor asked for (or held) and will never play; the
+        learner frees it if it had granted it (and counts an unknown one)."""
+        assert self._spool is not None and self.link is not None
+        await self.link.release_admission(request_id, reason)
+        self._spool.drop_request(request_id)
+        self._metrics.inc("spool_admissions_released")
+        log.warning("%s: released admission %s (%s)", self.actor_id, request_id, reason)
 
     async def _admitted_group(self, grant: Grant, question: Question, group_slots: asyncio.Semaphore,
                               acquire: bool) -> None:

@@ -109,10 +109,11 @@ class LearnerLink:
 
     # ------------------------------------------------------------------ trajectories endpoint
 
-    async def request_admission(self) -> AdmissionReply:
-        """Ask to start one group; resend with backoff until any reply (granted or not) arrives."""
+    async def request_admission(self, request_id: str | None = None) -> AdmissionReply:
+        """Ask to start one group; resend (same `request_id`: the learner answers a repeat with the same grant)
+        with backoff until any reply (granted or not) arrives. Pass `request_id` to record it before asking."""
         self._open()
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex
         frame = encode(AdmissionRequest(actor_id=self.actor_id, request_id=request_id))
         waiter = asyncio.get_running_loop().create_future()
         self._admission_waiters[request_id] = waiter

@@ -155,6 +155,10 @@ class TrajectoryService:
     def _admit(self, request: AdmissionRequest) -> AdmissionReply:
         with self._cond:
             version, stopping = self._version, self._stopping
+            repeat = request.request_id in self._granted
+        if repeat:  # the actor resent a request whose grant reply it lost: the same grant, not a second slot
+            self.metrics.inc("admission_repeats")
+            return AdmissionReply(request_id=request.request_id, granted=True, version=version)
         if stopping:
             self.metrics.inc("admissions_refused_stopping")
             return AdmissionReply(request_id=request.request_id, granted=False, version=version, stopping=True)

@@ -366,10 +366,16 @@ def test_unacked_groups_and_grants_survive_an_actor_restart(tmp_path):
 
     endpoint = asyncio.run(first_life())
     spool = tmp_path / "run" / "actors" / "a0" / "spool"
-    left = sorted(p.stem for p in (spool / "groups").glob("*.msgpack"))
-    assert len(left) == 2
+    files = sorted((spool / "groups").glob("*.msgpack"))
+    left = sorted(p.stem.split("~")[0] for p in files)  # <group_id>~<request_id>
+    assert len(left) == 2 and all("~" in p.stem for p in files)
     # ... and an admission granted just before the process died, its group never finished
     GroupSpool(spool, 4).record_grant(Grant(request_id="lost-req", question_id="q1", version=0))
+    # ... one asked for whose answer it never recorded (the learner may hold a slot for it)
+    GroupSpool(spool, 4).record_request("asked-req")
+    # ... and one whose group was stored but whose grant file outlived it (the crash fell between the two)
+    spooled_req = files[0].stem.split("~")[1]
+    GroupSpool(spool, 4).record_grant(Grant(request_id=spooled_req, question_id="q2", version=0))
 
     acking[0] = True
     state["granted"] = 10**9  # the restarted learner grants nothing new: only leftovers can arrive
@@ -390,8 +396,11 @@ def test_unacked_groups_and_grants_survive_an_actor_restart(tmp_path):
     assert set(left) <= set(delivered) and len(delivered) == 3
     replayed = [g for gid, g in delivered.items() if gid not in left]
     assert replayed[0].prompt_id == "q1" and len(replayed[0].trajectories) == 2
-    assert metrics["actor_spool_resent"] == 2 and metrics["actor_spool_replayed"] == 1
+    assert metrics["actor_spool_resent"] == 2 and metrics["actor_spool_replayed"] == 1  # not the spooled one
+    assert metrics["actor_spool_admissions_released"] == 1
+    assert [r.request_id for r in state["releases"]] == ["asked-req"]
     assert not list(spool.rglob("*.msgpack")) and not list(spool.rglob("grants/*.json"))
+    assert not list((spool / "requests").iterdir())
 
 
 def test_questions_that_cannot_fit_are_skipped_before_admission(tmp_path, tiny_model_dir):

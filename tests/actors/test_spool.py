@@ -67,3 +67,35 @@ def test_unreadable_files_are_quarantined(tmp_path):
 def test_bound_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="max_groups"):
         GroupSpool(tmp_path, max_groups=0)
+
+
+def test_unanswered_admission_requests_are_found_after_a_crash(tmp_path):
+    spool = GroupSpool(tmp_path, max_groups=4)
+    spool.record_request("asked")  # died before the answer came
+    spool.record_request("granted")  # died after recording the grant, before dropping the request
+    spool.record_grant(Grant(request_id="granted", question_id="q", version=1))
+    spool.record_request("played")  # ... and this one got as far as its group
+    group = _group("g9")
+    spool.put(group, encode(group), request_id="played")
+    spool.record_request("denied")
+    spool.drop_request("denied")
+    again = GroupSpool(tmp_path, max_groups=4)
+    assert again.unanswered_requests() == ["asked"]
+    assert sorted(p.name for p in again.requests_dir.iterdir()) == ["asked"]  # answered ones cleaned up
+    again.drop_request("asked")
+    assert again.unanswered_requests() == []
+
+
+def test_a_grant_whose_group_is_stored_is_not_played_again(tmp_path):
+    spool = GroupSpool(tmp_path, max_groups=4)
+    spool.record_grant(Grant(request_id="r1", question_id="q1", version=0))
+    group = _group("g1")
+    # the crash falls between storing the group and dropping its grant: simulate by recording the grant again
+    spool.put(group, encode(group), request_id="r1")
+    spool.record_grant(Grant(request_id="r1", question_id="q1", version=0))
+    grants, groups = GroupSpool(tmp_path, max_groups=4).leftovers()
+    assert grants == [] and [g.group_id for g in groups] == ["g1"]
+    assert spool.metrics.counter("spool_grants_already_spooled") == 0  # counted by the spool that found it
+    assert not list(spool.grants_dir.glob("*.json"))
+    spool.remove("g1")  # by group id, whatever admission it carries in its name
+    assert spool.count() == 0

@@ -1,6 +1,7 @@
 """The trajectory endpoint over real ZMQ: admissions, acks, duplicates, rejects, garbage, hand-off to training."""
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -56,8 +57,12 @@ def ask(socket, payload: bytes):
     return decode(socket.recv(), LearnerOutbound)
 
 
+_REQUESTS = itertools.count()
+
+
 def admit(socket, n: int = 1) -> list[AdmissionReply]:
-    return [ask(socket, encode(AdmissionRequest(actor_id="t", request_id=f"r{i}"))) for i in range(n)]
+    """`n` admission requests, each with a new id (as actors make them; a repeated id is a resend)."""
+    return [ask(socket, encode(AdmissionRequest(actor_id="t", request_id=f"r{next(_REQUESTS)}"))) for _ in range(n)]
 
 
 def test_admission_group_ack_duplicate_and_take(service, dealer, tiny_vlm) -> None:
@@ -98,11 +103,13 @@ def test_invalid_group_is_refused_and_frees_its_admission(service, dealer, tiny_
 
 
 def test_a_released_admission_frees_its_slot_once(service, dealer) -> None:
-    assert [r.granted for r in admit(dealer, 3)] == [True, True, False]  # capacity 2 at version 0
-    dealer.send(encode(AdmissionRelease(actor_id="t", request_id="r0", reason="engine crashed twice")))
-    dealer.send(encode(AdmissionRelease(actor_id="t", request_id="r0")))  # a repeat frees nothing more
+    replies = admit(dealer, 3)
+    assert [r.granted for r in replies] == [True, True, False]  # capacity 2 at version 0
+    first = replies[0].request_id
+    dealer.send(encode(AdmissionRelease(actor_id="t", request_id=first, reason="engine crashed twice")))
+    dealer.send(encode(AdmissionRelease(actor_id="t", request_id=first)))  # a repeat frees nothing more
     dealer.send(encode(AdmissionRelease(actor_id="t", request_id="never-granted")))
-    reply = ask(dealer, encode(AdmissionRequest(actor_id="t", request_id="r9")))
+    reply = ask(dealer, encode(AdmissionRequest(actor_id="t", request_id="fresh-after-release")))
     assert reply.granted  # the released slot was reused, and no reply was sent for the releases
     assert not admit(dealer)[0].granted
     assert service.metrics.counter("admission_releases") == 1
@@ -169,3 +176,12 @@ def test_a_restored_service_serves_its_checkpointed_groups_first_and_knows_their
         socket.close()
         context.term()
         svc.close()
+
+
+def test_a_resent_admission_request_gets_the_same_grant_not_a_second_slot(service, dealer) -> None:
+    """An actor resends its request when the reply is lost: the repeat is answered granted without another slot."""
+    first = ask(dealer, encode(AdmissionRequest(actor_id="t", request_id="again")))
+    repeat = ask(dealer, encode(AdmissionRequest(actor_id="t", request_id="again")))
+    assert first.granted and repeat.granted and service.admission.running == 1
+    assert service.metrics.counter("admission_repeats") == 1
+    assert admit(dealer)[0].granted and not admit(dealer)[0].granted  # capacity 2: one slot was left
