@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from actors.config import ActorConfig
-from actors.engine import EngineError, engine_for_actor
+from actors.engine import EngineError, EngineHung, engine_for_actor
 from actors.episode import EpisodeResult, EpisodeTokenizer, Question, ToolCaller, first_prompt_length, run_episode
 from actors.reward import compute_reward
 from actors.spool import Grant, GroupSpool
@@ -478,14 +478,15 @@ class RolloutActor:
         saw it die), at the newest applied weight version. A live engine is left alone (the group just re-runs)."""
         assert self._engine_lock is not None and self._engine_up is not None and self._weights is not None
         async with self._engine_lock:
-            if generation != self._engine_generation or self._engine_healthy():
+            hung = isinstance(exc, EngineHung)  # alive to is_healthy(), but answering nothing: restart it too
+            if generation != self._engine_generation or (not hung and self._engine_healthy()):
                 return
             restarts = self._metrics.counter("engine_restarts")
             if restarts >= self.cfg.max_engine_restarts:
                 raise EngineError(f"{self.actor_id}: engine died again after {restarts:.0f} restart(s) "
                                   f"(max_engine_restarts={self.cfg.max_engine_restarts}): {exc!r}") from exc
             self._metrics.inc("engine_restarts")
-            log.error("%s: engine died (%r); restarting it", self.actor_id, exc)
+            log.error("%s: engine %s (%r); restarting it", self.actor_id, "hung" if hung else "died", exc)
             self._engine_up.clear()
             started = time.perf_counter()
             try:

@@ -30,6 +30,7 @@ class EpisodeConfig:
     max_query_chars: int = 512  # a longer text-search query is cut (long_query=truncate) or invalid
     long_query: str = "truncate"  # "truncate" | "invalid" (ends the episode as invalid_call)
     on_search_over_limit: str = "end"  # "end" the episode | "inform" the model in-band and let it go on
+    turn_timeout_s: float = 600.0  # a turn with no output by then means a hung engine: restarted, group re-run
 
     def __post_init__(self) -> None:
         if self.max_turns < 1 or self.max_new_tokens_per_turn < 1 or self.max_total_tokens < 2:
@@ -38,6 +39,8 @@ class EpisodeConfig:
             raise ValueError(f"search limits must be >= 0: {self}")
         if self.tool_deadline_s <= 0:
             raise ValueError(f"tool_deadline_s must be > 0, got {self.tool_deadline_s}")
+        if self.turn_timeout_s <= 0:
+            raise ValueError(f"turn_timeout_s must be > 0, got {self.turn_timeout_s}")
         if self.max_query_chars < 1:
             raise ValueError(f"max_query_chars must be >= 1, got {self.max_query_chars}")
         if self.long_query not in ("truncate", "invalid"):

@@ -28,6 +28,10 @@ class EngineError(RuntimeError):
     """The engine returned something the actor cannot turn into an exact trajectory."""
 
 
+class EngineHung(EngineError):
+    """A turn produced no output within `actors.episode.turn_timeout_s`: the engine is treated as dead."""
+
+
 @dataclass(frozen=True)
 class TurnRequest:
     """One generation call: a token prompt whose image placeholders are NOT expanded (one per image)."""

@@ -19,7 +19,7 @@ from PIL import Image
 
 from actors import prompts
 from actors.config import EpisodeConfig, SamplingConfig
-from actors.engine import Engine, EngineError, TurnRequest
+from actors.engine import Engine, EngineError, EngineHung, TurnRequest
 from actors.reward import Reward
 from protocol import ToolReply, Trajectory, to_ndarray
 from protocol.metrics import Metrics
@@ -259,10 +259,16 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
             result.finish_reason = "max_total_tokens"
             break
         t0 = time.perf_counter()
-        out = await engine.generate(TurnRequest(
+        request = TurnRequest(
             request_id=f"{request_id}-t{turn}", prompt_token_ids=list(prompt), images=list(images),
             max_tokens=budget, sampling=sampling, stop_token_ids=tok.stop_token_ids,
-            stop_strings=tok.stop_strings, seed=None if seed is None else (seed * 1_000_003 + turn) % (1 << 31)))
+            stop_strings=tok.stop_strings, seed=None if seed is None else (seed * 1_000_003 + turn) % (1 << 31))
+        try:
+            out = await asyncio.wait_for(engine.generate(request), cfg.turn_timeout_s)
+        except asyncio.TimeoutError:
+            metrics.inc("engine_turn_timeouts")
+            raise EngineHung(f"{request.request_id}: no output within turn_timeout_s={cfg.turn_timeout_s:g} s "
+                             f"(a hung engine)") from None
         generate_s += time.perf_counter() - t0
         known = len(result.token_ids)
         if out.prompt_token_ids[:known] != result.token_ids:

@@ -288,6 +288,51 @@ def test_engine_crash_restarts_the_engine_and_reruns_the_groups(tmp_path):
     assert not state["releases"]
 
 
+class HangingEngine(AnsweringEngine):
+    """Healthy to is_healthy() but never answers its `hang_at`-th request (and none after)."""
+
+    def __init__(self, tok, hang_at: int | None) -> None:
+        super().__init__(tok)
+        self.hang_at, self.calls = hang_at, 0
+
+    async def generate(self, request):
+        self.calls += 1
+        if self.hang_at is not None and self.calls >= self.hang_at:
+            await asyncio.sleep(3600)
+        return await super().generate(request)
+
+
+def test_a_hung_engine_is_restarted_and_its_group_rerun(tmp_path):
+    engines = []
+
+    class Actor(FakeActor):
+        def _make_engine(self):
+            engines.append(HangingEngine(self.tokenizer, hang_at=3 if not engines else None))
+            return engines[-1]
+
+    _write_questions(tmp_path / "q.parquet")
+    policy, state = _granting_learner(limit=2)
+    cfg = {"group_size": 2, "max_groups_in_flight": 1, "episode": {"turn_timeout_s": 0.5},
+           "transport": {"reply_timeout_s": 0.3}}
+
+    async def main():
+        learner = FakeLearner(policy)
+        actor = _actor(Actor, tmp_path, learner, cfg)
+        await actor.start()
+        await asyncio.wait_for(actor.run(), 30)
+        metrics = actor.metrics()
+        await actor.stop()
+        await learner.close()
+        return metrics
+
+    metrics = asyncio.run(main())
+    assert len(engines) == 2 and engines[0].closed  # the hung engine was replaced, though it never "died"
+    unique = {g.group_id: g for g in state["groups"]}
+    assert len(unique) == 2 and all(len(g.trajectories) == 2 for g in unique.values())
+    assert metrics["actor_engine_restarts"] == 1 and metrics["actor_engine_turn_timeouts"] >= 1
+    assert metrics["actor_group_reruns"] == 1 and not state["releases"]
+
+
 def test_engine_that_keeps_dying_fails_the_actor(tmp_path):
     class Actor(FakeActor):
         def _make_engine(self):

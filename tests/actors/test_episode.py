@@ -8,7 +8,7 @@ import pytest
 
 from actors import prompts
 from actors.config import EpisodeConfig, SamplingConfig
-from actors.engine import EngineError
+from actors.engine import EngineError, EngineHung
 from actors.episode import Question, first_prompt_length, parse_turn, run_episode
 from actors.reward import compute_reward
 from actors_helpers import FakeTools, ScriptedEngine, png_bytes, solid_image
@@ -305,6 +305,26 @@ def test_engine_prompt_that_does_not_extend_the_trajectory_is_an_error(episode_t
                        tok.image_pad_id)
     with pytest.raises(EngineError, match="does not extend"):
         asyncio.run(run_episode(engine, tok, FakeTools().as_clients(), _question(), EpisodeConfig(), SAMPLING, "r"))
+
+
+def test_a_turn_with_no_output_is_a_hung_engine(episode_tokenizer):
+    tok = episode_tokenizer
+
+    class Hanging(ScriptedEngine):
+        async def generate(self, request):
+            if len(self.requests) == 1:  # the second turn: alive, answering nothing
+                await asyncio.sleep(3600)
+            return await super().generate(request)
+
+    engine = Hanging([_ids(tok, "<reason> a </reason><search><img></search>")], tok.image_pad_id)
+    metrics = Metrics()
+    cfg = EpisodeConfig(turn_timeout_s=0.2)
+    with pytest.raises(EngineHung, match="turn_timeout_s=0.2"):
+        asyncio.run(run_episode(engine, tok, FakeTools().as_clients(), _question(), cfg, SAMPLING, "r",
+                                metrics=metrics))
+    assert metrics.counter("engine_turn_timeouts") == 1
+    with pytest.raises(ValueError, match="turn_timeout_s"):
+        EpisodeConfig(turn_timeout_s=0)
 
 
 def test_bad_question_image_is_rejected(episode_tokenizer):
