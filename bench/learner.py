@@ -43,7 +43,7 @@ def bench_rank(rank: int, world_size: int, port: int, model_dir: str, opts: dict
     try:
         cfg = LearnerConfig(world_size=world_size, lr=1e-4, micro_batch_tokens=opts["micro_batch_tokens"],
                             packing=opts["packing"], collective_timeout_s=600)
-        listen = join_world(cfg, "127.0.0.1", port, rank, world_size)
+        join_world(cfg, "127.0.0.1", port, rank, world_size)
         trainer = Trainer(model_dir, cfg, AlgoConfig())
         samples = synthetic_samples(opts["trajectories"], vocab=1024, prompt_len=40, gen_len=opts["gen_len"],
                                     gen_spread=opts["gen_spread"], seed=1)
@@ -90,8 +90,6 @@ def bench_rank(rank: int, world_size: int, port: int, model_dir: str, opts: dict
                 "peak_rss_mib_max_rank": float(peak.item()),
             })
         dist.destroy_process_group()
-        if listen is not None:
-            listen.close()
     except BaseException as exc:  # the parent reports it instead of waiting
         queue.put({"error": f"rank {rank}: {type(exc).__name__}: {exc}"})
         raise

@@ -46,6 +46,7 @@ class LearnerState:
     seen_group_ids: list[str] = field(default_factory=list)
     trained_groups: int = 0
     world_size: int = 1
+    journal_seq: int = -1  # the intake journal's last entry this checkpoint holds (trained or buffered); -1: none
 
 
 def step_dir(root: str | os.PathLike, version: int) -> Path:

@@ -134,6 +134,7 @@ class LearnerConfig:
     checkpoint_every: int = 0
     checkpoint_keep: int = 2
     resume_from: Optional[str] = None
+    journal: bool = True  # with checkpoint_dir: every acked group on disk until a checkpoint holds it (crash-safe)
     ref_model_path: Optional[str] = None
     # processes
     threads: int = 1

@@ -35,6 +35,7 @@ from learner.batch import (
 )
 from learner.checkpoint import LearnerState, resolve_checkpoint
 from learner.config import AlgoConfig, LearnerConfig
+from learner.journal import GroupJournal
 from learner.service import TrajectoryService
 from learner.trainer import BatchError, Trainer
 from learner.weights import WeightPublisher, ZmqWeightPublisher, gather_full_state_dict, make_publisher, \
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 _STOP, _GO, _STALE_ERROR = 0, 1, 2
 _COUNTERS = ("groups_received", "groups_duplicate", "groups_rejected", "groups_refused_closed", "bad_frames",
              "admissions_granted", "admissions_denied", "weights_served", "weights_bad_frames", "batches_skipped",
-             "stale_groups", "stale_groups_dropped", "stale_groups_trained", "checkpoints_written")
+             "stale_groups", "stale_groups_dropped", "stale_groups_trained", "checkpoints_written",
+             "journal_replayed", "journal_errors", "admission_repeats")
 
 
 class LearnerRank:
@@ -67,7 +69,7 @@ class LearnerRank:
         if self.learner.backend == "nccl":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
             torch.cuda.set_device(device)
-        self._listen_socket = join_world(self.learner, master_addr, master_port, rank, world_size)
+        join_world(self.learner, master_addr, master_port, rank, world_size)
         self.trainer = Trainer(model_path, self.learner, self.algo, device)
         self.device = device
         self.version = 0
@@ -82,12 +84,14 @@ class LearnerRank:
 
         restore: Optional[tuple[list[TrajectoryGroup], list[str]]] = None
         admission_state: Optional[dict[str, int]] = None
+        replay_after: Optional[int] = -1 if self.learner.resume_from else None  # resuming with no checkpoint yet
         resume = resolve_checkpoint(self.learner.resume_from, self.learner.checkpoint_dir)
         if resume is not None:
             state, blob = self.trainer.load(resume)
             self.version, self.trained_count = state.version, state.trained_groups
             restore = (unpack_groups(blob) if blob else [], state.seen_group_ids)
             admission_state = state.admission
+            replay_after = state.journal_seq
             log.info("rank %d resumed from %s at version %d (%d buffered group(s))", rank, resume, state.version,
                      len(restore[0]))
         self.service: Optional[TrajectoryService] = None
@@ -99,8 +103,12 @@ class LearnerRank:
             self.admission = AdmissionController(self.algo.groups_per_step, self.algo.max_staleness)
             if admission_state:
                 self.admission.restore(admission_state)
+            journal = None
+            if self.learner.journal and self.learner.checkpoint_dir:
+                journal = GroupJournal(os.path.join(self.learner.checkpoint_dir, "journal"))
             self.service = TrajectoryService(self.admission, self._validate, self.metrics, endpoint, allow_remote,
-                                             restore=restore, version=self.version)
+                                             restore=restore, version=self.version, journal=journal,
+                                             replay_after=replay_after)
             self._endpoint = ZmqWeightPublisher(endpoint, self.learner.weight_bucket_mb, self.learner.publish_dtype,
                                                 self.metrics, allow_remote)
             self.publisher = make_publisher(
@@ -283,11 +291,14 @@ class LearnerRank:
         if self.service is not None:
             if final:
                 self.service.close_intake()
-            groups, seen, admission = self.service.snapshot()
+            groups, seen, admission, journal_seq = self.service.snapshot()
             state = LearnerState(version=self.version, steps=self.trainer.steps, admission=admission,
-                                 seen_group_ids=seen, trained_groups=self.trained_count, world_size=self.world_size)
+                                 seen_group_ids=seen, trained_groups=self.trained_count, world_size=self.world_size,
+                                 journal_seq=journal_seq)
             blob = pack_groups(groups)
         path = self.trainer.save(self.learner.checkpoint_dir, self.version, state, blob, self.learner.checkpoint_keep)
+        if self.service is not None and state is not None:
+            self.service.checkpointed(state.journal_seq)  # the checkpoint is complete (renamed): entries can go
         self.metrics.inc("checkpoints_written")
         self.metrics.observe("checkpoint_s", time.perf_counter() - start)
         if self.rank == 0:
@@ -337,16 +348,13 @@ class LearnerRank:
             self.publisher.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-        if self._listen_socket is not None:
-            self._listen_socket.close()
 
 
-def join_world(learner: LearnerConfig, master_addr: str, master_port: int, rank: int,
-               world_size: int) -> Optional[socket.socket]:
+def join_world(learner: LearnerConfig, master_addr: str, master_port: int, rank: int, world_size: int) -> None:
     """Initialise the default process group through a TCPStore that rank 0 serves on `master_addr` only.
 
-    torch's TCPStore binds every interface unless handed a listening socket, so rank 0 binds one itself (and
-    returns it: it must stay open while the store lives). On a loopback master, gloo is pinned to `lo` too."""
+    torch's TCPStore binds every interface unless handed a listening socket, so rank 0 binds one itself and hands
+    its descriptor over (the store closes it). On a loopback master, gloo is pinned to `lo` too."""
     timeout = timedelta(seconds=learner.collective_timeout_s)
     if learner.backend == "gloo" and is_loopback_endpoint(f"tcp://{master_addr}:{master_port}"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -361,7 +369,15 @@ def join_world(learner: LearnerConfig, master_addr: str, master_port: int, rank:
         except OSError as exc:
             listen.close()
             raise OSError(f"learner rank 0 cannot listen on {master_addr}:{master_port}: {exc}") from exc
-    store = dist.TCPStore(master_addr, master_port, world_size, rank == 0, timeout,
-                          master_listen_fd=listen.fileno() if listen is not None else None)
+    try:
+        store = dist.TCPStore(master_addr, master_port, world_size, rank == 0, timeout,
+                              master_listen_fd=listen.fileno() if listen is not None else None)
+    except BaseException:
+        if listen is not None:
+            listen.close()
+        raise
+    if listen is not None:
+        # The store owns the descriptor from here on and closes it when it is destroyed; closing it from Python as
+        # well would close whatever file reused that number meanwhile (seen: a later open() failing with EBADF).
+        listen.detach()
     dist.init_process_group(learner.backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return listen

@@ -2,7 +2,8 @@
 handed to the training loop through a thread-safe buffer.
 
 Serving runs on a background thread (learner.router), so actors are answered while the training loop computes.
-Every malformed frame gets an ErrorReply and is counted; the endpoint keeps serving.
+Every malformed frame gets an ErrorReply and is counted; the endpoint keeps serving. With a journal
+(learner/journal.py) an accepted group is on disk before its ack, so a crash loses no acked group.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections import OrderedDict, deque
 from typing import Callable, Optional
 
 from learner.admission import AdmissionController
+from learner.journal import GroupJournal
 from learner.router import RouterThread
 from protocol import (
     AdmissionRelease,
@@ -47,10 +49,14 @@ class TrajectoryService:
         max_remembered_ids: int = 1_000_000,
         restore: Optional[tuple[list[TrajectoryGroup], list[str]]] = None,
         version: int = 0,
+        journal: Optional[GroupJournal] = None,
+        replay_after: Optional[int] = None,
     ) -> None:
         """`restore` = (untrained groups, remembered ids) from a checkpoint: put in front of the buffer and
         remembered before the endpoint serves, so a resent copy of a checkpointed group is acked as a duplicate
-        (and the groups are not acked again)."""
+        (and the groups are not acked again). `journal`: every accepted group is appended before its ack;
+        `replay_after` = the sequence number the checkpoint covers: newer entries are replayed after the restored
+        groups (None: a fresh start, the journal's old entries are discarded)."""
         self.admission = admission
         self.metrics = metrics or Metrics()
         self._validate = validate
@@ -63,8 +69,11 @@ class TrajectoryService:
         self._version = version
         self._stopping = False
         self._intake_open = True
+        self._journal = journal
         if restore is not None:
             self._restore(*restore)
+        if journal is not None:
+            self._replay_journal(replay_after)
         self._router = RouterThread("trajectories", self._handle, endpoint, allow_remote=allow_remote)
         self.endpoint = self._router.endpoint
 
@@ -99,11 +108,53 @@ class TrajectoryService:
         with self._cond:
             self._intake_open = True
 
-    def snapshot(self) -> tuple[list[TrajectoryGroup], list[str], dict[str, int]]:
-        """(acked-but-untrained groups in arrival order, remembered group ids oldest first, admission counters),
-        taken together under the lock that accepting a group holds, for a checkpoint."""
+    def snapshot(self) -> tuple[list[TrajectoryGroup], list[str], dict[str, int], int]:
+        """(acked-but-untrained groups in arrival order, remembered group ids oldest first, admission counters,
+        the journal's last sequence number or -1), taken together under the lock that accepting a group holds, for
+        a checkpoint."""
         with self._cond:
-            return list(self._buffer), list(self._seen), self.admission.snapshot()
+            seq = self._journal.last_seq if self._journal is not None else -1
+            return list(self._buffer), list(self._seen), self.admission.snapshot(), seq
+
+    def checkpointed(self, journal_seq: int) -> None:
+        """A checkpoint holding the snapshot of `journal_seq` is complete: its journal entries can go."""
+        if self._journal is not None and journal_seq >= 0:
+            with self._cond:
+                self.metrics.inc("journal_truncated", self._journal.truncate(journal_seq))
+
+    def _replay_journal(self, after: Optional[int]) -> None:
+        """Groups acked after the checkpoint (or since a fresh start, after=-1) go back into the buffer; a fresh
+        start (after=None) discards the entries of a previous run instead (counted and logged)."""
+        assert self._journal is not None
+        entries = self._journal.entries_after(-1 if after is None else after)
+        if after is None:
+            if entries:
+                self._journal.truncate(self._journal.last_seq)
+                self.metrics.inc("journal_discarded", len(entries))
+                log.warning("fresh start: discarded %d journal entr(ies) of a previous run in %s (set "
+                            "learner.resume_from to replay them)", len(entries), self._journal.folder)
+            return
+        self._journal.truncate(after)  # covered by the checkpoint: its rename finished before the crash
+        replayed = 0
+        with self._cond:
+            for seq, frame in entries:
+                try:
+                    group = decode(frame, TrajectoryGroup)
+                except ProtocolError as exc:  # written whole (atomic rename) by us: this is disk damage
+                    self.metrics.inc("journal_bad_entries")
+                    log.error("journal entry %d is unreadable (%s); skipped", seq, exc)
+                    continue
+                if group.group_id in self._seen:
+                    continue  # also in the checkpoint (the crash fell between its rename and the truncation)
+                self._seen[group.group_id] = None
+                self._buffer.append(group)
+                self.admission.on_group_received()  # accepted anew: counted like any group without a grant
+                replayed += 1
+            self._cond.notify_all()
+        self.metrics.inc("journal_replayed", replayed)
+        if replayed:
+            log.warning("replayed %d acked group(s) from the journal %s (acked after the checkpoint)", replayed,
+                        self._journal.folder)
 
     def _restore(self, groups: list[TrajectoryGroup], seen_ids: list[str]) -> None:
         with self._cond:
@@ -144,7 +195,7 @@ class TrajectoryService:
         if isinstance(message, AdmissionRequest):
             return [encode(self._admit(message))]
         if isinstance(message, TrajectoryGroup):
-            return [encode(self._accept(message))]
+            return [encode(self._accept(message, payload))]
         if isinstance(message, AdmissionRelease):
             self._release(message)
             return []  # fire and forget
@@ -187,7 +238,7 @@ class TrajectoryService:
         log.warning("actor %s gave up admission %s: %s", release.actor_id, release.request_id,
                     release.reason or "no reason given")
 
-    def _accept(self, group: TrajectoryGroup) -> GroupAck | ErrorReply:
+    def _accept(self, group: TrajectoryGroup, frame: Optional[bytes] = None) -> GroupAck | ErrorReply:
         with self._cond:
             duplicate = group.group_id in self._seen
             version, intake_open = self._version, self._intake_open
@@ -211,6 +262,14 @@ class TrajectoryService:
                 self.metrics.inc("groups_refused_closed")
                 return ErrorReply(code="overloaded", id=group.group_id,
                                   message="learner is shutting down: keep the group and resend it after the restart")
+            if self._journal is not None:  # durable before the ack; under the lock, so snapshots see both or neither
+                try:
+                    self._journal.append(frame if frame is not None else encode(group))
+                except OSError as exc:  # a full or broken disk: refuse, so the actor keeps the group
+                    self.metrics.inc("journal_errors")
+                    log.error("cannot journal group %s: %s", group.group_id, exc)
+                    return ErrorReply(code="overloaded", id=group.group_id,
+                                      message=f"learner cannot store the group durably ({exc}); resend later")
             self._seen[group.group_id] = None
             if len(self._seen) > self._max_ids:
                 self._seen.popitem(last=False)

@@ -182,7 +182,7 @@ class SftRank:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
             torch.cuda.set_device(device)
         self.device = device
-        self._listen_socket = join_world(self.learner, master_addr, master_port, rank, world_size)
+        join_world(self.learner, master_addr, master_port, rank, world_size)
         self.trainer = Trainer(model_path, self.learner, self.sft.algo_config(), device, objective="sft")
         self.stream = OracleStream(load_world(WorldPaths(Path(world_root))), oracle_tokenizer(model_path),
                                    self.sft.oracle(), split=self.sft.split, seed=self.sft.seed,
@@ -236,9 +236,6 @@ class SftRank:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-        if self._listen_socket is not None:
-            self._listen_socket.close()
-            self._listen_socket = None
 
     def _agree_stop(self) -> bool:
         flag = torch.tensor([float(self._stop.is_set())], device=self.device)

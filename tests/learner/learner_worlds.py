@@ -209,7 +209,7 @@ def reference_main(port: int, model_path: str, cfg: dict, blob: bytes, out_path:
     from learner.weights import gather_full_state_dict, to_checkpoint_names
 
     learner_cfg = LearnerConfig.from_dict({**cfg["learner"], "world_size": 1})
-    listen = join_world(learner_cfg, "127.0.0.1", port, 0, 1)
+    join_world(learner_cfg, "127.0.0.1", port, 0, 1)
     try:
         algo = AlgoConfig.from_dict(cfg["algo"])
         trainer = Trainer(model_path, learner_cfg, algo)
@@ -218,7 +218,6 @@ def reference_main(port: int, model_path: str, cfg: dict, blob: bytes, out_path:
         save_file({k: v.contiguous() for k, v in state.items()}, out_path)
     finally:
         dist.destroy_process_group()
-        listen.close()
 
 
 def resume_rank_main(rank: int, world_size: int, port: int, model_path: str, cfg: dict, queue, go, release,

@@ -133,3 +133,47 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tiny_vlm, tmp_path) -> Non
     worst = max((weights_a[k] - weights_c[k]).abs().max().item() for k in weights_a)
     assert worst < 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
     assert any(not torch.equal(weights_a[k], load_file(str(tmp_path / "b.safetensors"))[k]) for k in weights_a)
+
+
+@pytest.mark.slow
+def test_a_killed_learner_resumes_from_its_checkpoint_and_journal_losing_no_acked_group(tiny_vlm, tmp_path) -> None:
+    """SIGKILL both ranks (no final checkpoint) after step 3; the checkpoint is at step 2. The groups acked after it
+    — trained in step 3 (their effect died with the processes) or waiting — come back from the journal."""
+    import time
+
+    path, ids = tiny_vlm
+    groups = [make_group(f"g{i}", ids, seed=i, version=0 if i < 4 else 2) for i in range(8)]  # within staleness
+    ckpt = tmp_path / "ckpt"
+    d = World(path, config(10, checkpoint_dir=str(ckpt), checkpoint_every=2), str(tmp_path / "d.safetensors"))
+    try:
+        assert all(ack.accepted for ack in d.send(*groups[:4]))
+        d.go.set()
+        d.wait_version(2)
+        deadline = time.monotonic() + 60
+        while [p.name for p in list_checkpoints(ckpt)] != ["step_00000002"]:
+            assert time.monotonic() < deadline, "no periodic checkpoint at step 2"
+            time.sleep(0.1)
+        assert all(ack.accepted for ack in d.send(*groups[4:7]))  # acked after the checkpoint
+        d.wait_version(3)  # g4, g5 trained; g6 waits for a partner
+    finally:
+        for rank in d.ranks:
+            rank.kill()
+            rank.join(10)
+        for dealer in (d.trajectories, d.weights):
+            dealer.close()
+    assert [p.name for p in list_checkpoints(ckpt)] == ["step_00000002"]
+    assert len(list((ckpt / "journal").glob("*.msgpack"))) == 3
+
+    e = World(path, config(2, checkpoint_dir=str(ckpt), resume_from="latest"), str(tmp_path / "e.safetensors"))
+    try:
+        assert e.version == 2
+        resent = e.send(groups[1], groups[5], groups[7])  # trained before the checkpoint / journaled / new
+        assert [(a.group_id, a.accepted, a.duplicate) for a in resent] == [
+            ("g1", True, True), ("g5", True, True), ("g7", True, False)]
+        e.go.set()
+        done = e.finish()
+    finally:
+        e.close()
+    assert done["version"] == 4 and done["trained"] == ["g4", "g5", "g6", "g7"]  # none lost, g4/g5 retrained once
+    assert done["rows"][0]["journal_replayed"] == 3
+    assert not list((ckpt / "journal").glob("*.msgpack"))  # the final checkpoint holds everything

@@ -148,7 +148,8 @@ def test_closed_intake_refuses_new_groups_so_a_snapshot_is_final(service, dealer
     refused = ask(dealer, encode(make_group("late", ids, seed=1)))
     assert isinstance(refused, ErrorReply) and refused.code == "overloaded" and refused.id == "late"
     assert ask(dealer, encode(make_group("kept", ids))).duplicate  # a resend of an acked group is still acked
-    groups, seen, admission = service.snapshot()
+    groups, seen, admission, journal_seq = service.snapshot()
+    assert journal_seq == -1  # no journal
     assert [g.group_id for g in groups] == ["kept"] and seen == ["kept"]
     assert admission == {"accepted": 1, "running": 1, "unexpected": 0}
     assert service.metrics.counter("groups_refused_closed") == 1
