@@ -6,7 +6,7 @@ folder that RL starts from (models/ensure.py caches it).
 
 Every rank draws the same batches from the same seed (no broadcast needed); the Trainer's plan gives each rank its
 share, so a step on R ranks equals a step on one process. `run_sft_local` spawns the ranks on this machine (tests,
-`python -m learner sft`, models.ensure's default); launch.py places them with Ray (cockpit/sft.py).
+`python -m learner --sft`, models.ensure's default); launch.py places them with Ray (cockpit/sft.py).
 """
 from __future__ import annotations
 
@@ -204,7 +204,8 @@ class SftRank:
                     log.warning("warm start stopped at step %d of %d; nothing saved", step, self.sft.steps)
                     break
                 t0 = time.perf_counter()
-                samples = [sample_from_trajectory(t, f"sft-{step}-{i}") for i, t in enumerate(self.stream.next_batch())]
+                batch = self.stream.next_batch()
+                samples = [sample_from_trajectory(t, f"sft-{step}-{i}") for i, t in enumerate(batch)]
                 metrics = self.trainer.train_step(samples)
                 losses.append(metrics["loss"])
                 if self.rank == 0:
