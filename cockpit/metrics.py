@@ -16,6 +16,10 @@ from cockpit.sinks import Sinks
 log = logging.getLogger(__name__)
 
 PERCENTILES = ("p50", "p90", "p99")
+# Per-actor counters summed over actors (as actor_<name>); cockpit carries a dead process's last values over to its
+# restarted successor, so the totals never go down (cockpit.roles.Roles.actor_metrics).
+ACTOR_COUNTERS = ("weight_updates", "weight_errors", "episodes", "tool_errors", "groups_played", "tokens_generated",
+                  "engine_restarts", "group_failures", "admissions_denied", "spool_resent", "spool_replayed")
 
 
 class MemorySampler:
@@ -57,7 +61,7 @@ def summarize_actors(snapshots: list[Mapping[str, float]],
     """The actors' side of a metrics row: how many report, the policy versions they run, totals of their counters,
     and the slowest actor's view of tool latency (client side: queueing + network + search); plus the supervisor's
     counts (`Roles.actor_supervision`: actor_restarts, actors_restarting, actor_snapshots_missed). A restarted
-    actor's counters start again from 0 in its new process."""
+    actor's counters (ACTOR_COUNTERS) include its dead predecessors' last reported values (Roles.actor_metrics)."""
     view: dict[str, float] = dict(supervision or {})
     if not snapshots:
         return {**view, "actors_reporting": 0.0} if view else {}
@@ -66,8 +70,7 @@ def summarize_actors(snapshots: list[Mapping[str, float]],
         "actor_policy_version_min": min(s.get("actor_policy_version", -1) for s in snapshots),
         "actor_policy_version_max": max(s.get("actor_policy_version", -1) for s in snapshots),
     }
-    for key in ("weight_updates", "weight_errors", "episodes", "tool_errors", "groups_played", "tokens_generated",
-                "engine_restarts", "group_failures", "admissions_denied", "spool_resent", "spool_replayed"):
+    for key in ACTOR_COUNTERS:
         view[f"actor_{key}"] = sum(s.get(f"actor_{key}", 0.0) for s in snapshots)
     update_p50 = [s["actor_weight_update_s_p50"] for s in snapshots if "actor_weight_update_s_p50" in s]
     if update_p50:

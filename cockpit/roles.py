@@ -10,11 +10,12 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from cockpit.cluster import Placement, advertised, bundle, where_am_i
+from cockpit.metrics import ACTOR_COUNTERS
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class ActorWatch:
     died_at: float = 0.0  # time.monotonic() of the last death
     probe_at: float = 0.0  # when the next liveness probe may go out
     cause: str = ""  # why the process died last (Ray's error, first line)
+    last: dict = field(default_factory=dict)  # the current process's latest metrics() snapshot
+    carried: dict = field(default_factory=dict)  # counters its dead predecessors had reported (added to its own)
 
 
 class Roles:
@@ -179,9 +182,16 @@ class Roles:
                 log.warning("actor%d did not report its metrics within 30 s; left out of this row", i)
                 continue
             try:
-                snapshots.append(ray.get(ref))
+                snapshot = ray.get(ref)
             except RayActorError as exc:
                 log.warning("actor%d could not report its metrics (its process died?): %s", i, _first_line(exc))
+                continue
+            if i < len(self.actor_watch):  # counters of dead predecessors carried over: totals never go down
+                watch = self.actor_watch[i]
+                watch.last = dict(snapshot)
+                for key, value in watch.carried.items():
+                    snapshot[key] = snapshot.get(key, 0.0) + value
+            snapshots.append(snapshot)
         self.actor_snapshots_missed += len(self.actors) - len(snapshots)
         return snapshots
 
@@ -268,6 +278,11 @@ class Roles:
                               f"left ({watch.restarts} of run.actor_max_restarts={limit} used)") from exc
         watch.restarts += 1
         watch.phase, watch.pending, watch.died_at, watch.probe_at = "restarting", None, now, now
+        for name in ACTOR_COUNTERS:  # as of its last report: counts since then died with the process
+            key = f"actor_{name}"
+            if key in watch.last:
+                watch.carried[key] = watch.carried.get(key, 0.0) + float(watch.last[key])
+        watch.last = {}
         log.error("%s: its process died (%s); Ray restarts it (restart %d of %d)", watch.actor_id, watch.cause,
                   watch.restarts, limit)
 

@@ -119,6 +119,7 @@ def test_a_killed_actor_process_is_restarted_started_and_run_again(ray_cluster, 
     try:
         first = starts(folders[0])[0]
         other = starts(folders[1])[0]
+        assert summarize_actors(roles.actor_metrics())["actor_episodes"] == 2  # each reports 1 episode
         os.kill(first, signal.SIGKILL)  # a process this test started (through Ray)
         supervise_until(roles, lambda: roles.actor_watch[0].phase != "running")
         watch = roles.actor_watch[0]
@@ -139,7 +140,9 @@ def test_a_killed_actor_process_is_restarted_started_and_run_again(ray_cluster, 
         time.sleep(0.5)
         roles.check_failures()  # the new run() is running, nothing raised
         assert roles.actor_watch[0].phase == "running"
-        assert sorted(s["actor_pid"] for s in roles.actor_metrics()) == sorted([again[1], other])
+        snapshots = roles.actor_metrics()
+        assert sorted(s["actor_pid"] for s in snapshots) == sorted([again[1], other])
+        assert summarize_actors(snapshots)["actor_episodes"] == 3  # the dead process's episode is still counted
         assert roles.actor_supervision()["actors_restarting"] == 0
     finally:
         pids = [p for folder in folders for p in starts(folder)]
