@@ -290,6 +290,23 @@ def test_sft_alone_trains_on_the_learner_ranks_and_writes_a_model(sft_run):
     run.assert_nothing_left()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ctrl_c_during_the_warm_start_stops_the_ranks_and_saves_nothing(tmp_path):
+    run = LaunchWatch(tmp_path / "run", "algo=sft", "algo.steps=5000", "algo.vision_steps=10")
+    run.wait(until=lambda: len(run.rows()) >= 3)
+    assert run.proc.poll() is None, run.output[-6000:]
+    run.proc.send_signal(signal.SIGINT)
+    run.wait()
+    print(f"sft + Ctrl-C launch: {run.seconds:.0f}s")
+    assert run.proc.returncode == 130, run.output[-6000:]
+    assert "stopping the warm start (nothing is saved)" in run.output
+    assert 3 <= len(run.rows()) < 5000
+    assert not (run.out / "model").exists() and not list(run.out.glob(".tmp-model-*"))
+    run.assert_nothing_left()
+
+
 # ---------------------------------------------------------------------------------------------- 4: curate
 
 @pytest.mark.e2e
