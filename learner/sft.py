@@ -31,7 +31,7 @@ import torch.distributed as dist
 from data.oracle import OracleConfig
 from data.trajectories import OracleStream, oracle_tokenizer
 from data.world import WorldPaths, load_world
-from learner.config import AlgoConfig, LearnerConfig
+from learner.config import AlgoConfig, LearnerConfig, _from_dict
 from learner.packing import Sample
 from learner.role import join_world
 from learner.trainer import Trainer
@@ -81,12 +81,7 @@ class SftConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "SftConfig":
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown SftConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return _from_dict(cls, values)
 
     def oracle(self) -> OracleConfig:
         return OracleConfig(pixel_search_fraction=self.pixel_search_fraction,
