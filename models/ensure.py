@@ -90,6 +90,14 @@ def check_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def build_world_model(tiny: TinyModelConfig, world_paths: WorldPaths, out_dir: Path | str,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """The tiny model for a world: its tokenizer trained on the world's texts and the oracle's phrases (uncached;
+    `ensure_model` caches it)."""
+    texts = chain(world_texts(world_paths), oracle_texts(load_world(world_paths), seed=tiny.seed))
+    return build_tiny_model(tiny, texts, out_dir, dtype=dtype)
+
+
 def checkpoint_dtype(path: Path | str) -> str:
     """The weight dtype a model folder's config.json declares (`dtype`, or the older `torch_dtype`); float32 if none."""
     config = json.loads((Path(path) / "config.json").read_text())
@@ -135,9 +143,7 @@ def ensure_model(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Pa
     dtype = DTYPES[model_cfg.dtype]
 
     def build_base(out: Path) -> dict:
-        world = load_world(world_paths)
-        texts = chain(world_texts(world_paths), oracle_texts(world, seed=model_cfg.tiny.seed))
-        build_tiny_model(model_cfg.tiny, texts, out, dtype=dtype)
+        build_world_model(model_cfg.tiny, world_paths, out, dtype=dtype)
         return {"kind": "tiny", "tiny": dataclasses.asdict(model_cfg.tiny), "world": world_hash}
 
     base = build_once(cache_root / f"tiny-{base_key}", build_base)

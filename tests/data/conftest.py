@@ -19,16 +19,12 @@ def small_world(small_paths):
 
 
 @pytest.fixture(scope="session")
-def small_tiny(small_paths, small_world, tmp_path_factory):
+def small_tiny(small_paths, tmp_path_factory):
     """A tiny model folder whose tokenizer was trained on the small world (for the oracle trajectories)."""
-    from itertools import chain
-
     import torch
 
-    from data.oracle import oracle_texts
-    from data.world import world_texts
-    from models.tiny import TinyModelConfig, build_tiny_model
+    from models.ensure import build_world_model
+    from models.tiny import TinyModelConfig
 
     torch.set_num_threads(1)
-    texts = chain(world_texts(small_paths), oracle_texts(small_world, seed=0))
-    return build_tiny_model(TinyModelConfig(), texts, tmp_path_factory.mktemp("tiny"))
+    return build_world_model(TinyModelConfig(), small_paths, tmp_path_factory.mktemp("tiny"))

@@ -26,17 +26,12 @@ def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, i
 @pytest.fixture(scope="session")
 def sft_world(tmp_path_factory: pytest.TempPathFactory):
     """(world paths, world, tiny model folder) of a small synthetic world: what the warm start trains on."""
-    from itertools import chain
-
     import torch
 
-    from data.oracle import oracle_texts
-    from data.world import WorldConfig, load_world, world_texts, write_world
-    from models.tiny import TinyModelConfig, build_tiny_model
+    from data.world import WorldConfig, load_world, write_world
+    from models.ensure import build_world_model
+    from models.tiny import TinyModelConfig
 
     torch.set_num_threads(1)
     paths = write_world(WorldConfig(num_entities=40, seed=3), tmp_path_factory.mktemp("sft-world"))
-    world = load_world(paths)
-    model = build_tiny_model(TinyModelConfig(), chain(world_texts(paths), oracle_texts(world, seed=0)),
-                             tmp_path_factory.mktemp("sft-tiny"))
-    return paths, world, model
+    return paths, load_world(paths), build_world_model(TinyModelConfig(), paths, tmp_path_factory.mktemp("sft-tiny"))

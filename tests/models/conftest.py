@@ -27,12 +27,8 @@ def small_world(small_paths):
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(small_paths, small_world, tmp_path_factory) -> Path:
-    from itertools import chain
+def tiny_dir(small_paths, tmp_path_factory) -> Path:
+    from models.ensure import build_world_model
+    from models.tiny import TinyModelConfig
 
-    from data.oracle import oracle_texts
-    from data.world import world_texts
-    from models.tiny import TinyModelConfig, build_tiny_model
-
-    texts = chain(world_texts(small_paths), oracle_texts(small_world, seed=0))
-    return build_tiny_model(TinyModelConfig(), texts, tmp_path_factory.mktemp("tiny"))
+    return build_world_model(TinyModelConfig(), small_paths, tmp_path_factory.mktemp("tiny"))
