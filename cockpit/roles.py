@@ -92,15 +92,13 @@ class Roles:
         """`learner.world_size` FSDP2 ranks in one packed placement group; returns rank 0's endpoints."""
         from learner.role import LearnerRank
 
-        cfg, spec = self.cfg, self.cfg["run"]["placement"]["learner"]
+        cfg = self.cfg
         world_size = int(cfg["learner"]["world_size"])
-        group = self.placement.group("learner", [bundle(spec)] * world_size, str(spec["strategy"]))
-        master = self._bundle_node_ip(group, 0)
-        port = _free_port() if master in ("127.0.0.1", "localhost") else int(cfg["run"]["learner_port"])
+        group, master, port = self.rank_world("learner", world_size)
         learner_cfg = {"learner": dict(cfg["learner"]), "algo": dict(cfg["algo"])}
         remote = self._ray.remote(LearnerRank)
         self.learner_ranks = [
-            remote.options(max_concurrency=4, **_resource_options(spec), **Placement.options(group, rank))
+            remote.options(max_concurrency=4, **self.rank_options(group, rank))
             .remote(rank, world_size, master, port, str(model_path), learner_cfg)
             for rank in range(world_size)
         ]
@@ -112,6 +110,19 @@ class Roles:
                      for k, v in endpoints.items()}
         log.info("learner up: %d rank(s) (master %s:%d), endpoints %s", world_size, master, port, endpoints)
         return endpoints
+
+    def rank_world(self, name: str, world_size: int) -> tuple[Any, str, int]:
+        """(placement group, rank 0's node address, rendezvous port) of `world_size` learner-placed ranks: one packed
+        group of `run.placement.learner` bundles (the RL learner and the warm start both use it)."""
+        spec = self.cfg["run"]["placement"]["learner"]
+        group = self.placement.group(name, [bundle(spec)] * world_size, str(spec["strategy"]))
+        master = self._bundle_node_ip(group, 0)
+        port = _free_port() if master in ("127.0.0.1", "localhost") else int(self.cfg["run"]["learner_port"])
+        return group, master, port
+
+    def rank_options(self, group: Any, rank: int) -> dict[str, Any]:
+        """Ray options pinning rank `rank` to its learner bundle of `group`."""
+        return {**_resource_options(self.cfg["run"]["placement"]["learner"]), **Placement.options(group, rank)}
 
     def start_actors(self, model_path: Path, questions: Path, tools: dict[str, list[str]],
                      learner: dict[str, str], run_dir: Path) -> None:

@@ -8,9 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from cockpit.cluster import Placement, bundle
 from cockpit.progress import ProgressDisplay
-from cockpit.roles import Roles, _free_port, _resource_options
+from cockpit.roles import Roles
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +31,13 @@ class RaySftRunner:
     def __call__(self, base: Path, world_root: Path, out: Path, cfg: dict, dtype: str) -> dict:
         from learner.sft import SftRank
 
-        ray, run = self.roles._ray, self.roles.cfg["run"]
-        spec = run["placement"]["learner"]
+        import ray
+
         world_size = int(cfg["learner"].get("world_size", 1))
         steps = int(cfg["sft"].get("steps", 0))
-        group = self.roles.placement.group("sft", [bundle(spec)] * world_size, str(spec["strategy"]))
-        master = self.roles._bundle_node_ip(group, 0)
-        port = _free_port() if master in ("127.0.0.1", "localhost") else int(run["learner_port"])
+        group, master, port = self.roles.rank_world("sft", world_size)
         remote = ray.remote(SftRank)
-        ranks = [remote.options(max_concurrency=2, **_resource_options(spec), **Placement.options(group, r))
+        ranks = [remote.options(max_concurrency=2, **self.roles.rank_options(group, r))
                  .remote(r, world_size, master, port, str(base), str(world_root), cfg) for r in range(world_size)]
         log.info("warm start: %d step(s) on %d rank(s) from %s", steps, world_size, base)
         display = ProgressDisplay(steps, enabled=self.progress, status=sft_status, label="warm start",
