@@ -65,10 +65,7 @@ class LearnerRank:
             raise ValueError(f"world_size={world_size} but learner.world_size={self.learner.world_size}")
         torch.set_num_threads(self.learner.threads)
         self.rank, self.world_size = rank, world_size
-        device = torch.device("cpu")
-        if self.learner.backend == "nccl":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-            torch.cuda.set_device(device)
+        device = rank_device(self.learner, rank)
         join_world(self.learner, master_addr, master_port, rank, world_size)
         self.trainer = Trainer(model_path, self.learner, self.algo, device)
         self.device = device
@@ -348,6 +345,15 @@ class LearnerRank:
             self.publisher.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def rank_device(learner: LearnerConfig, rank: int) -> torch.device:
+    """CPU for gloo; for nccl the rank's GPU ($LOCAL_RANK, else rank modulo the visible GPUs), made current."""
+    if learner.backend != "nccl":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    torch.cuda.set_device(device)
+    return device
 
 
 def join_world(learner: LearnerConfig, master_addr: str, master_port: int, rank: int, world_size: int) -> None:

@@ -33,7 +33,7 @@ from data.trajectories import OracleStream, oracle_tokenizer
 from data.world import WorldPaths, load_world
 from learner.config import AlgoConfig, LearnerConfig, _from_dict
 from learner.packing import Sample
-from learner.role import join_world
+from learner.role import join_world, rank_device
 from learner.trainer import Trainer
 from learner.weights import gather_full_state_dict, to_checkpoint_names
 from protocol import Trajectory, from_ndarray
@@ -172,13 +172,9 @@ class SftRank:
             raise ValueError(f"world_size={world_size} but learner.world_size={self.learner.world_size}")
         torch.set_num_threads(self.learner.threads)
         self.rank, self.world_size, self.model_path = rank, world_size, model_path
-        device = torch.device("cpu")
-        if self.learner.backend == "nccl":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-            torch.cuda.set_device(device)
-        self.device = device
+        self.device = rank_device(self.learner, rank)
         join_world(self.learner, master_addr, master_port, rank, world_size)
-        self.trainer = Trainer(model_path, self.learner, self.sft.algo_config(), device, objective="sft")
+        self.trainer = Trainer(model_path, self.learner, self.sft.algo_config(), self.device, objective="sft")
         self.stream = OracleStream(load_world(WorldPaths(Path(world_root))), oracle_tokenizer(model_path),
                                    self.sft.oracle(), split=self.sft.split, seed=self.sft.seed,
                                    batch_size=self.sft.batch_size, vision_steps=self.sft.vision_steps)
