@@ -124,7 +124,8 @@ class RolloutActor:
         self._order = QuestionOrder(playable, seed=self.seed)
         self._spool = GroupSpool(self.actor_dir / "spool", cfg.spool_max_groups, self._metrics)
         self._weights = WeightApplier(self.actor_dir / "weights", cfg.engine.dtype, self._metrics)
-        for stale in (self.actor_dir / "weights").glob("v*"):  # a previous incarnation's files: never reloaded
+        weight_dir = self.actor_dir / "weights"
+        for stale in [*weight_dir.glob("v*"), *weight_dir.glob(".v*.tmp")]:  # a previous incarnation's: never reloaded
             stale.unlink()
         self.engine = self._make_engine()
         await self.engine.start()

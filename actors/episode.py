@@ -7,7 +7,6 @@ on its own and appended; generated tokens are never decoded and re-encoded). `ru
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from actors.config import EpisodeConfig, SamplingConfig
 from actors.engine import Engine, EngineError, EngineHung, TurnRequest
 from actors.reward import Reward
 from protocol import ToolReply, Trajectory, to_ndarray
+from protocol.images import ImageError, decode_image, image_size
 from protocol.metrics import Metrics
 from tool_servers.client import ToolCallError
 
@@ -90,15 +90,6 @@ def parse_turn(text: str) -> TurnAction:
     return TurnAction("none")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded image bytes (PNG/JPEG/WebP) to an RGB PIL image; raises ValueError on anything else."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except Exception as exc:  # PIL raises several unrelated types for bad data
-        raise ValueError(f"undecodable image ({len(data)} bytes): {exc}") from exc
-
-
 # ---------------------------------------------------------------- token pieces
 
 class EpisodeTokenizer:
@@ -161,10 +152,14 @@ class EpisodeTokenizer:
 
     def image_tokens(self, image: Image.Image) -> int:
         """Placeholder tokens the engine will expand one image into (used to budget max_total_tokens)."""
+        return self.image_tokens_of_size(image.width, image.height)
+
+    def image_tokens_of_size(self, width: int, height: int) -> int:
+        """`image_tokens` of an image of that size (read from its header: nothing decoded)."""
         counter = getattr(self.processor.image_processor, "get_number_of_image_patches", None)
         if counter is None:
             return 1
-        return int(counter(image.height, image.width, {})) // self._merge
+        return int(counter(height, width, {})) // self._merge
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -174,9 +169,8 @@ def first_prompt_length(tok: EpisodeTokenizer, question: "Question") -> int:
     """Tokens of the first prompt once the engine has expanded the question image; raises ValueError on a bad
     image. Only the image header is read."""
     try:
-        with Image.open(io.BytesIO(question.image)) as img:
-            image_tokens = tok.image_tokens(img)
-    except Exception as exc:  # PIL raises several unrelated types for bad data
+        image_tokens = tok.image_tokens_of_size(*image_size(question.image))
+    except ImageError as exc:
         raise ValueError(f"question {question.id}: unreadable image ({exc})") from exc
     return len(tok.first_prompt(question.question)) - 1 + image_tokens
 

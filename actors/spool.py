@@ -23,6 +23,7 @@ from pathlib import Path
 import msgspec
 
 from protocol import ProtocolError, TrajectoryGroup, decode
+from protocol.files import write_atomic
 from protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class GroupSpool:
     def record_request(self, request_id: str) -> None:
         """Before an AdmissionRequest goes out: if the process dies before the answer is recorded, the next one
         releases it (`unanswered_requests`)."""
-        _write_atomic(self.requests_dir / request_id, b"")
+        write_atomic(self.requests_dir / request_id, b"")
 
     def drop_request(self, request_id: str) -> None:
         """The answer is recorded (a grant file) or needs none (denied)."""
@@ -102,7 +103,7 @@ class GroupSpool:
         return unanswered
 
     def record_grant(self, grant: Grant) -> None:
-        _write_atomic(self.grants_dir / f"{grant.request_id}.json", msgspec.json.encode(grant.__dict__))
+        write_atomic(self.grants_dir / f"{grant.request_id}.json", msgspec.json.encode(grant.__dict__))
 
     def drop_grant(self, request_id: str) -> None:
         (self.grants_dir / f"{request_id}.json").unlink(missing_ok=True)
@@ -112,7 +113,7 @@ class GroupSpool:
         forget its grant: it is either a grant or a group, even when a crash falls between the two steps
         (`leftovers` skips a grant whose group is on disk)."""
         name = group.group_id if request_id is None else f"{group.group_id}~{request_id}"
-        _write_atomic(self.groups_dir / f"{name}.msgpack", frame)
+        write_atomic(self.groups_dir / f"{name}.msgpack", frame)
         if request_id is not None:
             self.drop_grant(request_id)
         self.metrics.set("spool_groups", self.count())
@@ -166,12 +167,3 @@ class GroupSpool:
 
 def _mtime(path: Path) -> float:
     return path.stat().st_mtime
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

@@ -22,6 +22,7 @@ import torch
 from actors.engine import EngineError
 from actors.transport import WeightUpdate
 from protocol import ProtocolError
+from protocol.files import write_atomic_with
 from protocol.metrics import Metrics
 from protocol.weights import read_fs_manifest
 
@@ -97,9 +98,8 @@ class WeightApplier:
         if self.cast is not None:
             state = {k: v.to(self.cast) if v.is_floating_point() else v for k, v in state.items()}
         path = self.folder / f"v{version}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, path)
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        write_atomic_with(path, lambda tmp: save_file(tensors, str(tmp)), durable=False)  # rebuilt after a crash
         return [path]
 
     def _link_fs(self, directory: str, announced: int) -> tuple[int, list[Path]]:

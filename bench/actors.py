@@ -124,13 +124,13 @@ class SlowToolServer:
             task.add_done_callback(self.tasks.discard)
 
     async def _answer(self, route, request) -> None:
-        from actors_helpers import COLOURS, png_bytes, solid_image
+        from actors_helpers import COLOURS, solid_image
 
         from protocol import ToolItem, ToolReply, encode
 
         await asyncio.sleep(self.latency_s)
         if request.tool == "image_search":
-            items = [ToolItem(title=f"thing {k}", image=png_bytes(solid_image(COLOURS[k]))) for k in range(2)]
+            items = [ToolItem(title=f"thing {k}", image=encode_png(solid_image(COLOURS[k]))) for k in range(2)]
         else:
             items = [ToolItem(title="page", text="the thing was built in the north by the river")]
         await self.sock.send_multipart([*route, encode(ToolReply(id=request.id, ok=True, items=items))])
@@ -146,7 +146,7 @@ class SlowToolServer:
 async def episodes_vs_concurrency(engine, tok, levels: list[int], episodes: int, latency_s: float) -> list[dict]:
     from actors.config import EpisodeConfig, SamplingConfig
     from actors.episode import Question, run_episode
-    from actors_helpers import COLOURS, png_bytes, solid_image
+    from actors_helpers import COLOURS, solid_image
     from protocol.metrics import Metrics
     from tool_servers.client import ToolClient
 
@@ -154,7 +154,7 @@ async def episodes_vs_concurrency(engine, tok, levels: list[int], episodes: int,
     tools = {name: ToolClient([server.endpoint], default_deadline_s=10.0) for name in ("image_search", "text_search")}
     cfg = EpisodeConfig(max_new_tokens_per_turn=48, max_results=2)
     questions = [Question(id=f"q{i}", question="what is this", answer="red", aliases=[],
-                          image=png_bytes(solid_image(COLOURS[i % 4]))) for i in range(episodes)]
+                          image=encode_png(solid_image(COLOURS[i % 4]))) for i in range(episodes)]
     rows = []
     try:
         # warm-up, not timed: the first requests with log-probs compile vLLM's sampler helper

@@ -49,7 +49,7 @@ def main() -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from actors import prompts
-    from data.render import decode_image
+    from protocol.images import decode_image
     from data.world import KINDS, WorldConfig, ensure_world, load_world
     from models.ensure import ModelConfig, ensure_model
     from models.warmstart import TURN_RE

@@ -14,7 +14,6 @@ Writes gpu_check.json into --out when given.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import socket
@@ -76,9 +75,9 @@ def build_tiny_vlm(path: Path, hidden: int = 128, layers: int = 2, vocab: int = 
 def png(color: tuple[int, int, int], side: int = 56) -> bytes:
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.new("RGB", (side, side), color).save(buffer, format="PNG")
-    return buffer.getvalue()
+    from protocol.images import encode_png
+
+    return encode_png(Image.new("RGB", (side, side), color))
 
 
 def synthetic_samples(n: int, vocab: int, prompt_len: int = 40, gen_len: int = 80, gen_spread: int = 40,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 from cockpit.cluster import Placement, advertised, bundle, where_am_i
 from cockpit.metrics import ACTOR_COUNTERS
+from protocol.sockets import free_port
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Roles:
         spec = self.cfg["run"]["placement"]["learner"]
         group = self.placement.group(name, [bundle(spec)] * world_size, str(spec["strategy"]))
         master = self._bundle_node_ip(group, 0)
-        port = _free_port() if master in ("127.0.0.1", "localhost") else int(self.cfg["run"]["learner_port"])
+        port = free_port() if master in ("127.0.0.1", "localhost") else int(self.cfg["run"]["learner_port"])
         return group, master, port
 
     def rank_options(self, group: Any, rank: int) -> dict[str, Any]:
@@ -446,8 +446,3 @@ def _resource_options(spec: Mapping[str, Any]) -> dict[str, Any]:
         options["resources"] = resources
     return options
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -9,7 +9,6 @@ Every image is decoded once while converting, so a broken file fails here, namin
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from protocol.images import ImageError, open_image
 
 log = logging.getLogger(__name__)
 
@@ -327,10 +328,7 @@ def _read_local(path: Path, where: str) -> bytes:
 
 
 def _check_image(blob: bytes, where: str, source: str) -> None:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(io.BytesIO(blob)) as img:
-            img.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        open_image(blob)
+    except ImageError as exc:
         raise DatasetError(f"{where}: unreadable image ({source}, {len(blob)} bytes): {exc}") from exc

@@ -4,7 +4,6 @@ Pure PIL + numpy with an explicit random generator, so the same generator state 
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
@@ -181,16 +180,3 @@ def render(look: Look, size: int, perturbation: Perturbation = Perturbation()) -
         pixels += np.random.default_rng(p.noise_seed).normal(0.0, p.noise_std, size=pixels.shape).astype(np.float32)
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
 
-
-def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of `image`; PIL writes no timestamps, so equal pixels give equal bytes."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """An RGB PIL image from encoded bytes (PNG/JPEG/WebP)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")

@@ -9,10 +9,11 @@ import dataclasses
 from pathlib import Path
 import numpy as np
 
-from actors.episode import EpisodeTokenizer, decode_image
+from actors.episode import EpisodeTokenizer
 from data.oracle import OracleConfig, OracleEpisode, oracle_episode
 from data.world import World
 from protocol import Trajectory, from_ndarray, to_ndarray
+from protocol.images import image_size
 
 
 def trajectory_length(trajectory: Trajectory) -> int:
@@ -45,7 +46,7 @@ def oracle_trajectory(tok: EpisodeTokenizer, episode: OracleEpisode) -> Trajecto
     """First prompt, then per turn the generated tokens (loss mask 1) and the tool-result continuation (mask 0);
     behaviour log-probs 0 and versions -1 (nothing was sampled), reward 1 (the oracle is right)."""
     def expanded(ids: list[int], images: list[bytes]) -> list[int]:
-        return expand_placeholders(ids, tok.image_pad_id, [tok.image_tokens(decode_image(b)) for b in images])
+        return expand_placeholders(ids, tok.image_pad_id, [tok.image_tokens_of_size(*image_size(b)) for b in images])
 
     images = [episode.image]
     ids = expanded(tok.first_prompt(episode.question), images)

@@ -7,10 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data import names
-from data.render import COLOURS, PATTERNS, SHAPES, TINTS, Look, encode_png, random_perturbation, render
+from data.render import COLOURS, PATTERNS, SHAPES, TINTS, Look, random_perturbation, render
+from protocol.files import build_dir_once
+from protocol.images import encode_png
 
 log = logging.getLogger(__name__)
 
@@ -353,20 +352,9 @@ def ensure_world(cfg: WorldConfig, cache_root: Path | str) -> WorldPaths:
         if paths.config_hash() != key:
             raise RuntimeError(f"cached world {paths.root} has hash {paths.config_hash()}, expected {key}")
         return paths
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-world-{key}-", dir=cache_root))
-    try:
-        write_world(cfg, tmp)
-        try:
-            os.rename(tmp, paths.root)
-            log.info("built world %s", paths.root)
-        except OSError:
-            # Another process finished the same world first; its copy is identical.
-            if not paths.world_json.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # Another process may finish the same world first; its copy is identical.
+    if build_dir_once(paths.root, lambda tmp: write_world(cfg, tmp), paths.world_json.name):
+        log.info("built world %s", paths.root)
     return paths
 
 

@@ -5,19 +5,18 @@ Planning and collation of the samples into model inputs live in learner/packing.
 """
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
 import msgspec
 import numpy as np
 import torch
-from PIL import Image
 
 from learner.admission import spans_versions, token_staleness
 from learner.advantages import grpo_advantages
 from learner.config import AlgoConfig
 from learner.packing import Sample
 from protocol import ProtocolError, TrajectoryGroup, decode, encode, from_ndarray
+from protocol.images import ImageError, image_size
 
 
 class InvalidGroup(ValueError):
@@ -78,10 +77,9 @@ def validate_group(
             raise InvalidGroup(f"{where}: image placeholder tokens are marked generated")
         for j, data in enumerate(traj.images):
             try:
-                with Image.open(io.BytesIO(data)) as image:
-                    width, height = image.size
-            except Exception as exc:  # PIL raises many types for bad bytes
-                raise InvalidGroup(f"{where} image {j}: unreadable ({type(exc).__name__}: {exc})") from exc
+                width, height = image_size(data)
+            except ImageError as exc:
+                raise InvalidGroup(f"{where} image {j}: unreadable ({exc})") from exc
             if width * height > max_image_pixels:
                 raise InvalidGroup(f"{where} image {j}: {width}x{height} exceeds {max_image_pixels} pixels")
 

@@ -12,11 +12,12 @@ import json
 import logging
 import multiprocessing as mp
 import queue as queue_module
-import socket
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from protocol.sockets import free_port
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -70,9 +71,7 @@ def main() -> None:
     cfg = {"learner": yaml.safe_load(Path(args.learner_conf).read_text()),
            "algo": yaml.safe_load(Path(args.algo_conf).read_text())}
     world_size = int(cfg["learner"].get("world_size", 2))
-    with socket.socket() as probe:  # a free loopback port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the rendezvous
     ctx = mp.get_context("spawn")
     out, stop = ctx.Queue(), ctx.Event()
     ranks = [ctx.Process(target=_rank, args=(r, world_size, port, args.model, cfg, args.steps or 10, out, stop))

@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from protocol.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 _ENTRY = re.compile(r"^(\d{12})\.msgpack$")
@@ -38,17 +40,7 @@ class GroupJournal:
         """Write `frame` durably (temp file, fsync, rename, fsync of the folder); returns its sequence number."""
         seq = self.last_seq + 1
         path = self._path(seq)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(frame)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        directory = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomic(path, frame, sync_dir=True)
         self.last_seq = seq
         return seq
 

@@ -20,13 +20,14 @@ never a loss token (validated on receipt), so the cross-trajectory "prediction" 
 from __future__ import annotations
 
 import inspect
-import io
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from protocol.images import decode_image, encode_png
 
 # (input_ids [1, n], mm_token_type_ids [1, n], image_grid_thw [k, 3] | None) -> (positions [3, 1, n], deltas)
 RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -173,9 +174,7 @@ def plan_step(samples: Sequence[Sample], world_size: int, rank: int, micro_batch
 
 def dummy_image_bytes(side: int = 56) -> bytes:
     """A black square PNG used to keep the vision tower in every forward (its tokens are never scored)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (side, side)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(Image.new("RGB", (side, side)))
 
 
 class Collator:
@@ -201,10 +200,7 @@ class Collator:
         self._dummy_tokens = int(self._process([self._dummy])[1].prod(-1).sum()) // self.merge**2
 
     def _process(self, images: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
-        pil = []
-        for data in images:
-            with Image.open(io.BytesIO(data)) as image:
-                pil.append(image.convert("RGB"))
+        pil = [decode_image(data) for data in images]
         out = self.image_processor(images=pil, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"].to(torch.long)
 

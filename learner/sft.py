@@ -17,7 +17,6 @@ import multiprocessing as mp
 import os
 import queue as queue_module
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from learner.role import join_world, rank_device
 from learner.trainer import Trainer
 from learner.weights import gather_full_state_dict, to_checkpoint_names
 from protocol import Trajectory, from_ndarray
+from protocol.sockets import free_port
 
 log = logging.getLogger(__name__)
 
@@ -290,9 +290,7 @@ def run_sft_local(model_path: Path | str, world_root: Path | str, out_dir: Path 
     cfg = {"learner": dict(cfg.get("learner") or {}), "sft": dict(cfg.get("sft") or {})}
     SftConfig.from_dict(cfg["sft"])  # fail here, not in every rank
     world_size = int(LearnerConfig.from_dict(cfg["learner"]).world_size)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out, stop = ctx.Queue(), ctx.Event()
     ranks = [ctx.Process(target=_sft_rank, name=f"sft-rank{r}",

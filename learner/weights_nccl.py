@@ -32,6 +32,7 @@ import torch
 
 from learner.weights import ZmqWeightPublisher, cast_for_publish
 from protocol import ErrorReply, WeightAnnounce, WeightNone, WeightQuery, encode
+from protocol.sockets import free_port
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class NcclWeightPublisher:
             raise ValueError(f"need engine_ranks >= 1 divisible by ranks_per_engine >= 1; got {engine_ranks}, "
                              f"{ranks_per_engine}")
         if master_port == 0:
-            master_port = _free_port(master_address)
+            master_port = free_port(master_address)
         self.endpoint, self.metrics = endpoint, endpoint.metrics
         self.init = {"master_address": master_address, "master_port": master_port, "world_size": engine_ranks + 1,
                      "packed": True, "packed_buffer_size_bytes": bucket_bytes, "packed_num_buffers": num_buffers}
@@ -185,10 +186,3 @@ class NcclWeightPublisher:
         self.endpoint.query_hook = None
         self.endpoint.close()
 
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]

@@ -9,8 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ import torch
 from data.oracle import oracle_texts
 from data.world import WorldPaths, load_world, world_texts
 from models.tiny import TinyModelConfig, build_tiny_model
+from protocol.files import build_dir_once
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +106,13 @@ def checkpoint_dtype(path: Path | str) -> str:
 
 def build_once(target: Path, build: Callable[[Path], dict]) -> Path:
     """Runs `build(tmp_dir)` unless `target` exists, then renames the temp dir to `target` (atomic)."""
-    if (target / BUILD_INFO).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
+    def build_with_info(tmp: Path) -> None:
         start = time.monotonic()
         info = build(tmp)
         info["build_seconds"] = time.monotonic() - start
         (tmp / BUILD_INFO).write_text(json.dumps(info, sort_keys=True, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / BUILD_INFO).exists():  # not a lost race with an identical build: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    build_dir_once(target, build_with_info, BUILD_INFO)
     return target
 
 

@@ -19,9 +19,9 @@ from actors import prompts
 from data.oracle import (
     OracleConfig, OracleEpisode, SearchHit, episode_messages, image_hits, text_hits,
 )
-from data.render import decode_image
 from data.world import KINDS, World, WorldPaths, load_world
 from models.tokenizer import IM_END, IM_START
+from protocol.images import decode_image
 
 log = logging.getLogger(__name__)
 

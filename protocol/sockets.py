@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from urllib.parse import urlparse
 
 import zmq
@@ -35,3 +36,11 @@ def bind(socket: zmq.Socket, endpoint: str = "tcp://127.0.0.1:*", allow_remote: 
         raise ValueError(f"refusing to bind {endpoint!r} beyond loopback without allow_remote=True")
     socket.bind(endpoint)
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` right now (for rendezvous that need a number up front, and for tests
+    that need a port no server answers on). Another process may take it before it is used: bind `:*` when you can."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]

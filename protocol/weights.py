@@ -25,6 +25,7 @@ import numpy as np
 
 from protocol.arrays import from_ndarray
 from protocol.errors import ProtocolError
+from protocol.files import write_atomic
 from protocol.messages import WeightBucket
 
 if TYPE_CHECKING:
@@ -148,12 +149,7 @@ def load_fs_weights(directory: str | os.PathLike, have_version: int = -1
 
 def write_fs_manifest(directory: str | os.PathLike, manifest: FsManifest) -> None:
     """Replace `manifest.json` atomically (the writer side; readers see the old or the new one, never a mix)."""
-    path = Path(directory) / FS_MANIFEST
-    tmp = path.with_name(f".{FS_MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_bytes(msgspec.json.encode(manifest))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(Path(directory) / FS_MANIFEST, msgspec.json.encode(manifest))
 
 
 __all__ = ["FS_FORMAT_VERSION", "FS_MANIFEST", "FsManifest", "assemble_weight_buckets", "load_fs_weights",

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from protocol.files import write_atomic
 
 
 def read_discovery(path: str | Path) -> dict[str, list[str]]:
@@ -43,10 +43,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _write(path: Path, data: dict[str, list[str]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump({tool: endpoints for tool, endpoints in sorted(data.items()) if endpoints}, handle, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({tool: endpoints for tool, endpoints in sorted(data.items()) if endpoints},
+                                  indent=1))
 
 
 def register(path: str | Path, tool: str, endpoint: str) -> None:

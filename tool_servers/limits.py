@@ -6,13 +6,11 @@ backend's `search_batch`, which runs in an executor.
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
+from protocol import images
 from tool_servers.errors import ToolCallError
 
 ARG_TYPES = (str, bytes, int, float, bool)
@@ -61,12 +59,9 @@ class ServerLimits:
 def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
     """(width, height) of encoded image bytes from the header alone; bad_request/too_large ToolCallError."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError as exc:
-        raise ToolCallError("too_large", f"image exceeds the pixel limit: {exc}") from exc
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise ToolCallError("bad_request", f"undecodable image ({len(data)} bytes): {exc}") from exc
+        width, height = images.image_size(data)
+    except images.ImageError as exc:
+        raise ToolCallError("too_large" if exc.too_large else "bad_request", str(exc)) from exc
     if width * height > max_pixels:
         raise ToolCallError(
             "too_large", f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"

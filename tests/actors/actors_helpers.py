@@ -8,7 +8,6 @@ log-prob comparisons are not between numbers near zero).
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from actors.engine import TurnOutput, TurnRequest
 from protocol import (LearnerInbound, NamedArray, ToolError, ToolItem, ToolReply, WeightBucket, decode, encode,
                       to_ndarray)
 from protocol.sockets import bind, configure
+from protocol.images import encode_png
 
 WORDS = ("red blue green round square star circle shape colour name fact town river built year tall "
          "small large object picture animal plant stone metal wood glass old new north south east west").split()
@@ -47,12 +47,6 @@ def solid_image(colour: tuple[int, int, int], size: int = 56) -> Image.Image:
     img = Image.new("RGB", (size, size), (128, 128, 128))
     img.paste(Image.new("RGB", (size // 2, size // 2), colour), (size // 4, size // 4))
     return img
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _words(rng: random.Random, lo: int, hi: int) -> str:
@@ -88,7 +82,7 @@ def teach_episode_format(model_dir: Path, steps: int = 300, lr: float = 3e-3, se
     optim = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        images = [png_bytes(solid_image(rng.choice(COLOURS))) for _ in range(2)]
+        images = [encode_png(solid_image(rng.choice(COLOURS))) for _ in range(2)]
         enc = encode_messages(processor, scripted_episode(rng), images)
         labels = torch.where(enc.loss_mask, enc.input_ids, torch.full_like(enc.input_ids, -100))
         batch = {"input_ids": enc.input_ids[None], "attention_mask": torch.ones_like(enc.input_ids)[None],
@@ -157,7 +151,7 @@ class FakeTools:
         if tool in self.error_reply:
             return ToolReply(id="x", ok=False, error=ToolError(code="timeout", message="deadline passed"))
         if tool == "image_search":
-            items = [ToolItem(title=f"thing {i}", url=f"u{i}", image=png_bytes(solid_image(COLOURS[i % 4])))
+            items = [ToolItem(title=f"thing {i}", url=f"u{i}", image=encode_png(solid_image(COLOURS[i % 4])))
                      for i in range(self.thumbnails)]
         else:
             items = [ToolItem(title="page", text=f"facts about {args['query']}")]

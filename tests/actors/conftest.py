@@ -1,15 +1,9 @@
 """Fixtures for the actors' tests: tiny models built once per session in pytest's temp folder."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,14 @@ from actors.actor import QuestionOrder, RolloutActor, load_questions
 from actors.engine import EngineError, TurnOutput, TurnRequest
 from actors.spool import Grant, GroupSpool
 from actors.episode import EpisodeTokenizer
-from actors_helpers import FakeLearner, FakeTools, png_bytes, solid_image, weight_buckets
+from actors_helpers import FakeLearner, FakeTools, solid_image, weight_buckets
 from protocol import (AdmissionRelease, AdmissionReply, AdmissionRequest, GroupAck, TrajectoryGroup, WeightNone,
                       WeightQuery, from_ndarray)
+from protocol.images import encode_png
 
 
 def _write_questions(path: Path, n: int = 5) -> Path:
-    rows = [{"id": f"q{i}", "image": png_bytes(solid_image((40 * i, 30, 30))), "question": f"what colour {i}",
+    rows = [{"id": f"q{i}", "image": encode_png(solid_image((40 * i, 30, 30))), "question": f"what colour {i}",
              "answer": "red" if i % 2 == 0 else "blue", "aliases": [], "kind": "visual", "search_label": "no_search",
              "split": "train" if i < n - 1 else "test"} for i in range(n)]
     pq.write_table(pa.Table.from_pylist(rows), path)

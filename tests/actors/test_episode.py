@@ -11,9 +11,11 @@ from actors.config import EpisodeConfig, SamplingConfig
 from actors.engine import EngineError, EngineHung
 from actors.episode import Question, first_prompt_length, parse_turn, run_episode
 from actors.reward import compute_reward
-from actors_helpers import FakeTools, ScriptedEngine, png_bytes, solid_image
+from actors_helpers import FakeTools, ScriptedEngine, solid_image
 from protocol import TrajectoryGroup, decode, encode, from_ndarray
 from protocol.metrics import Metrics
+from protocol.sockets import free_port
+from protocol.images import encode_png
 
 SAMPLING = SamplingConfig()
 
@@ -86,7 +88,7 @@ def _ids(tok, text: str) -> list[int]:
 
 def _question() -> Question:
     return Question(id="q1", question="what is this", answer="blue star", aliases=["star"],
-                    image=png_bytes(solid_image((30, 30, 200))), kind="image_text", search_label="search")
+                    image=encode_png(solid_image((30, 30, 200))), kind="image_text", search_label="search")
 
 
 def _play(tok, turns, tools=None, cfg=None, finish_reasons=None, metrics=None):
@@ -388,10 +390,7 @@ def test_tool_server_down_or_slow_through_the_real_client(episode_tokenizer):
             await asyncio.gather(task, return_exceptions=True)
             sock.close(linger=0)
 
-    import socket
-    with socket.socket() as probe:  # a port nobody listens on: the server is down
-        probe.bind(("127.0.0.1", 0))
-        down = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    down = f"tcp://127.0.0.1:{free_port()}"  # a port nobody listens on: the server is down
     for result, metrics, shown in (asyncio.run(play(down)), asyncio.run(slow_server())):
         assert result.finish_reason == "answer" and result.tool_errors == 1 and result.text_searches == 1
         assert prompts.SEARCH_ERROR in shown and metrics.counter("tool_errors_text_search") == 1

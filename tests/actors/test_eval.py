@@ -12,7 +12,8 @@ from actors import __main__ as cli
 from actors import engine as engine_module
 from actors.engine import TurnOutput
 from actors.eval import aggregate, eval_dataset, format_table
-from actors_helpers import FakeTools, png_bytes, solid_image
+from actors_helpers import FakeTools, solid_image
+from protocol.images import encode_png
 
 # per question: its kind, label, answer, and the assistant turns the scripted policy plays
 SCRIPT = {
@@ -27,7 +28,7 @@ SCRIPT = {
 
 
 def _write(path):
-    rows = [{"id": qid, "image": png_bytes(solid_image((10 * i, 20, 30))), "question": f"question {qid}",
+    rows = [{"id": qid, "image": encode_png(solid_image((10 * i, 20, 30))), "question": f"question {qid}",
              "answer": answer, "aliases": [], "kind": kind, "search_label": label, "split": "test"}
             for i, (qid, (kind, label, answer, _)) in enumerate(SCRIPT.items())]
     pq.write_table(pa.Table.from_pylist(rows), path)

@@ -21,12 +21,13 @@ import torch
 from actors.actor import RolloutActor
 from actors.config import EngineConfig, EpisodeConfig, SamplingConfig
 from actors.engine import TurnRequest, VllmEngine, weight_transfer_requests
-from actors.episode import EpisodeTokenizer, Question, decode_image, run_episode
+from actors.episode import EpisodeTokenizer, Question, run_episode
 from actors.transport import WeightUpdate
 from actors.weights import WeightApplier
-from actors_helpers import FakeLearner, FakeTools, png_bytes, solid_image
+from actors_helpers import FakeLearner, FakeTools, solid_image
 from protocol import (AdmissionReply, AdmissionRequest, GroupAck, TrajectoryGroup, WeightAnnounce, WeightNone,
                       WeightQuery, from_ndarray)
+from protocol.images import decode_image
 from protocol.weights import FsManifest, write_fs_manifest
 
 pytestmark = pytest.mark.slow
@@ -102,7 +103,7 @@ def hf_logprobs(model, processor, token_ids: list[int], images: list[bytes], tem
 def _questions(n: int) -> list[Question]:
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
     return [Question(id=f"q{i}", question="what is this red star", answer="red", aliases=[],
-                     image=png_bytes(solid_image(colours[i % 4]))) for i in range(n)]
+                     image=encode_png(solid_image(colours[i % 4]))) for i in range(n)]
 
 
 def test_multi_turn_episodes_are_token_in_token_out_with_exact_logprobs(served, taught_model_dir):

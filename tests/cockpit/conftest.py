@@ -1,15 +1,9 @@
 """Fixtures for the cockpit's tests: a tiny random model folder built once per session (~5 s)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(1)
 
 WORDS = ("red blue green circle square star lamp river city maker year name object image what which who made "
          "answer reason search text information the a of in by").split()

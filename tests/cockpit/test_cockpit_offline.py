@@ -3,7 +3,6 @@ no-search variant of the actor config, and the whole curate path with a scripted
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import warnings
 
@@ -11,15 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from cockpit.offline import curate, curate_table, export_checkpoint, resolve_eval_checkpoint, without_search
-
-
-def _png(colour) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (56, 56), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
+from testkit import solid_png
 
 
 def test_a_learner_checkpoint_exports_to_a_loadable_model_folder(tiny_model_dir, tmp_path):
@@ -99,13 +92,13 @@ class ImageSearch:
         from protocol import ToolItem, ToolReply
 
         self.calls += 1
-        return ToolReply(id="x", ok=True, items=[ToolItem(title="thing one", url="u", image=_png((0, 0, 255)))])
+        return ToolReply(id="x", ok=True, items=[ToolItem(title="thing one", url="u", image=solid_png((0, 0, 255)))])
 
 
 def test_curate_labels_from_runs_with_and_without_search(tiny_model_dir, tmp_path):
     from actors.episode import EpisodeTokenizer
 
-    rows = [{"id": f"{answer}{i}", "image": _png((40 * i, 80, 80)), "question": "what colour is it?",
+    rows = [{"id": f"{answer}{i}", "image": solid_png((40 * i, 80, 80)), "question": "what colour is it?",
              "answer": answer, "aliases": [], "kind": "test", "search_label": "", "split": "train"}
             for answer in ("red", "blue", "green") for i in range(2)]
     data = tmp_path / "questions.parquet"

@@ -2,22 +2,19 @@
 image decoded once; missing columns, unreadable images, remote-only URLs and bad labels named by row."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from data.datasets import DatasetError, convert_dataset, read_dataset, search_label
+from testkit import solid_png
 
 
 def _png(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (28, 28), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return solid_png(colour, 28)
 
 
 def _write(path: Path, rows: list[dict]) -> Path:

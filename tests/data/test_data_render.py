@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.render import COLOURS, PATTERNS, SHAPES, TINTS, Look, Perturbation, decode_image, encode_png, render
+from data.render import COLOURS, PATTERNS, SHAPES, TINTS, Look, Perturbation, render
+from protocol.images import decode_image, encode_png
 
 
 def _pixels(look: Look, perturbation: Perturbation = Perturbation()) -> np.ndarray:

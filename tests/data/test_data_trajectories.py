@@ -37,7 +37,7 @@ class _ReplayEngine:
     image placeholder by the count the processor gives that image (as vLLM does)."""
 
     def __init__(self, tok: EpisodeTokenizer, turns: list[list[int]], images: list[bytes]) -> None:
-        from actors.episode import decode_image
+        from protocol.images import decode_image
 
         self.tok, self.turns = tok, list(turns)
         self.counts = [tok.image_tokens(decode_image(b)) for b in images]

@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import world as world_mod
-from data.render import COLOURS, SHAPES, decode_image
+from data.render import COLOURS, SHAPES
 from data.world import (
     KINDS, SEARCH_LABEL, URL_PREFIX, WorldConfig, WorldPaths, config_hash, ensure_world, write_world, world_texts,
 )
+from protocol.images import decode_image
 
 TINY = WorldConfig(num_entities=12, seed=5, corpus_copies=2)
 

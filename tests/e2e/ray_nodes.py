@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from protocol.sockets import free_port
 
 # The `ray` CLI with the worker-node guard lifted; everything else (node address resolution) still sees the env var.
 _WORKER_CLI = (
@@ -37,12 +38,6 @@ _WORKER_CLI = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class LoopbackRayCluster:
     """`head_resources` / `worker_resources`: custom resources of each node, e.g. {"learner_node": 2}."""
 
@@ -51,7 +46,7 @@ class LoopbackRayCluster:
         self.base = base
         # Ray's unix sockets live under each node's temp dir (<= 107 bytes in all): a short folder, not pytest's.
         self.temp = Path(tempfile.mkdtemp(prefix="forage-ray-", dir="/tmp"))
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.token = secrets.token_hex(32)
         home = base / "home"  # whatever Ray writes under ~ lands here, not in the real home

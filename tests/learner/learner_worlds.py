@@ -2,15 +2,14 @@
 and the process entry points of the multi-process tests (importable by spawned children)."""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
 from protocol import Trajectory, TrajectoryGroup, to_ndarray
+from testkit import solid_png
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]
@@ -54,12 +53,6 @@ def build_tiny_vlm(path: Path) -> dict[str, int]:
     return ids
 
 
-def png(color: tuple[int, int, int], side: int = 56) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (side, side), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def make_trajectory(rng: np.random.Generator, ids: dict[str, int], *, reward: float, with_image: bool = True,
                     prompt_len: int = 6, gen_len: int = 5, versions: Optional[Sequence[int]] = None,
                     searches: tuple[int, int] = (0, 0), accuracy: float = 0.0) -> Trajectory:
@@ -79,7 +72,7 @@ def make_trajectory(rng: np.random.Generator, ids: dict[str, int], *, reward: fl
     return Trajectory(
         token_ids=to_ndarray(tokens), loss_mask=to_ndarray(mask), behaviour_logprobs=to_ndarray(logp),
         versions=to_ndarray(token_versions),
-        images=[png(tuple(rng.integers(0, 255, 3).tolist()))] if with_image else [],
+        images=[solid_png(tuple(rng.integers(0, 255, 3).tolist()))] if with_image else [],
         reward=reward, reward_parts={"accuracy": accuracy}, image_searches=searches[0], text_searches=searches[1],
     )
 
@@ -151,14 +144,6 @@ def expect(q, kind: str, timeout: float = 50.0):
         pytest.fail(value)
     assert got == kind, (got, value)
     return value
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(rank: int, world_size: int, port: int, model_path: str, cfg: dict, queue, done) -> None:

@@ -18,8 +18,9 @@ from learner.batch import (
     validate_group,
 )
 from learner.config import AlgoConfig
-from learner_worlds import make_group, make_trajectory, png
+from learner_worlds import make_group, make_trajectory
 from protocol import TrajectoryGroup, to_ndarray
+from testkit import solid_png
 
 
 def check(group: TrajectoryGroup, ids: dict[str, int], max_version: int = 5) -> None:
@@ -52,7 +53,7 @@ def test_invalid_groups_are_rejected_with_the_reason(tiny_vlm) -> None:
         "versions span": dict(versions=to_ndarray(np.where(mask == 1, 9, -1).astype(np.int32))),
         "placeholder run": dict(images=[]),
         "unreadable": dict(images=[b"not an image"]),
-        "exceeds": dict(images=[png((1, 2, 3), side=100)]),
+        "exceeds": dict(images=[solid_png((1, 2, 3), 100)]),
         "differ in length": dict(loss_mask=to_ndarray(mask[:-1].copy())),
     }
     for reason, change in cases.items():

@@ -3,7 +3,6 @@ checkpoint does not hold (after its trained and buffered groups), knows the repl
 and a fresh start discards an old run's entries. Real ZMQ sockets; the crash is simply not closing the service."""
 from __future__ import annotations
 
-import pytest
 import zmq
 
 from learner.admission import AdmissionController

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from learner.checkpoint import list_checkpoints
-from learner_worlds import Dealer, expect, free_port, make_group, resume_rank_main
+from learner_worlds import Dealer, expect, make_group, resume_rank_main
 from protocol import ErrorReply, GroupAck, WeightQuery, encode
+from protocol.sockets import free_port
 
 BASE = {
     "learner": {"world_size": 2, "lr": 1e-2, "grad_clip": 1.0, "micro_batch_tokens": 64, "take_timeout_s": 0.2,

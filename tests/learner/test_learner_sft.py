@@ -3,7 +3,6 @@ trajectories (their tokenisation is tested in tests/data/test_data_trajectories.
 the base, stop() saves nothing, and two ranks equal one."""
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -14,14 +13,9 @@ from data.trajectories import oracle_tokenizer, oracle_trajectory
 from learner.packing import Collator
 from learner.sft import SftConfig, SftRank, lr_schedule, run_sft_local, sample_from_trajectory, save_hf_folder
 from learner.trainer import sft_loss
+from protocol.sockets import free_port
 
 KINDS = ("pixels", "image_search", "image_text_search", "text_search")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_sft_loss_by_hand():
@@ -60,7 +54,7 @@ def test_one_rank_trains_saves_a_loadable_folder_and_the_loss_falls(sft_world, t
 
     paths, world, model = sft_world
     cfg = {"learner": {"world_size": 1}, "sft": {"steps": 8, "vision_steps": 4, "batch_size": 4, "lr": 3e-3}}
-    rank = SftRank(0, 1, "127.0.0.1", _free_port(), str(model), str(paths.root), cfg)
+    rank = SftRank(0, 1, "127.0.0.1", free_port(), str(model), str(paths.root), cfg)
     report = rank.run(str(tmp_path / "warm"))
     rows = rank.drain_metrics()
     assert report["completed"] and report["steps"] == 8 and report["files"] == ["model.safetensors"]
@@ -91,7 +85,7 @@ def test_one_rank_trains_saves_a_loadable_folder_and_the_loss_falls(sft_world, t
 
 def test_stop_ends_the_run_and_saves_nothing(sft_world, tmp_path):
     paths, _, model = sft_world
-    rank = SftRank(0, 1, "127.0.0.1", _free_port(), str(model), str(paths.root),
+    rank = SftRank(0, 1, "127.0.0.1", free_port(), str(model), str(paths.root),
                    {"learner": {"world_size": 1}, "sft": {"steps": 5, "vision_steps": 1, "batch_size": 2}})
     rank.stop()
     report = rank.run(str(tmp_path / "warm"))

@@ -13,7 +13,8 @@ from learner.batch import samples_from_groups
 from learner.checkpoint import CheckpointError, LearnerState, list_checkpoints, resolve_checkpoint
 from learner.config import AlgoConfig, LearnerConfig
 from learner.trainer import Trainer, lr_factor
-from learner_worlds import free_port, make_group
+from learner_worlds import make_group
+from protocol.sockets import free_port
 
 
 # ------------------------------------------------------------------------------------------------ lr schedule

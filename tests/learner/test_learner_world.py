@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from learner.batch import pack_groups
-from learner_worlds import Dealer, expect, free_port, make_group, rank_main, reference_main
+from learner_worlds import Dealer, expect, make_group, rank_main, reference_main
 from protocol import (
     AdmissionReply,
     AdmissionRequest,
@@ -26,6 +26,7 @@ from protocol import (
     to_ndarray,
 )
 from protocol.weights import assemble_weight_buckets
+from protocol.sockets import free_port
 
 CFG = {
     "learner": {"world_size": 2, "lr": 1e-2, "grad_clip": 1.0, "micro_batch_tokens": 40, "weight_bucket_mb": 0.05,

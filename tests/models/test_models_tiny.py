@@ -9,8 +9,8 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from actors import prompts
-from data.render import decode_image
 from models.tiny import TinyModelConfig, build_tiny_model, mrope_section
+from protocol.images import decode_image
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
@@ -21,10 +21,10 @@ def test_mrope_section_fills_half_the_head(head_dim):
         assert sections == [16, 24, 24]  # Qwen's own split
 
 
-def test_folder_loads_with_auto_classes(tiny_dir):
-    processor = AutoProcessor.from_pretrained(tiny_dir)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
-    config = AutoConfig.from_pretrained(tiny_dir)
+def test_folder_loads_with_auto_classes(small_tiny):
+    processor = AutoProcessor.from_pretrained(small_tiny)
+    model = AutoModelForImageTextToText.from_pretrained(small_tiny)
+    config = AutoConfig.from_pretrained(small_tiny)
     vocab = len(processor.tokenizer)
     assert config.text_config.vocab_size == vocab
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -32,13 +32,13 @@ def test_folder_loads_with_auto_classes(tiny_dir):
     assert config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert sum(config.text_config.rope_parameters["mrope_section"]) == config.text_config.hidden_size // 8
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 3e6
-    info = json.loads((tiny_dir / "config.json").read_text())
+    info = json.loads((small_tiny / "config.json").read_text())
     assert info["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
 
 
-def test_a_56px_image_is_four_tokens_and_generation_runs(tiny_dir, small_world):
-    processor = AutoProcessor.from_pretrained(tiny_dir)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+def test_a_56px_image_is_four_tokens_and_generation_runs(small_tiny, small_world):
+    processor = AutoProcessor.from_pretrained(small_tiny)
+    model = AutoModelForImageTextToText.from_pretrained(small_tiny).eval()
     row = small_world.questions[0]
     text = processor.apply_chat_template([prompts.first_user_message(row["question"])], tokenize=False,
                                          add_generation_prompt=True)
@@ -52,10 +52,10 @@ def test_a_56px_image_is_four_tokens_and_generation_runs(tiny_dir, small_world):
     assert out.shape[1] == enc["input_ids"].shape[1] + 4 or out[0, -1] == processor.tokenizer.eos_token_id
 
 
-def test_a_big_image_is_shrunk_to_the_pixel_budget(tiny_dir):
+def test_a_big_image_is_shrunk_to_the_pixel_budget(small_tiny):
     from PIL import Image
 
-    processor = AutoProcessor.from_pretrained(tiny_dir)
+    processor = AutoProcessor.from_pretrained(small_tiny)
     enc = processor.image_processor(images=[Image.new("RGB", (640, 480))], return_tensors="pt")
     t, h, w = enc["image_grid_thw"][0].tolist()
     assert t == 1 and h * w // 4 <= 4  # image_max_pixels = 56*56 keeps every thumbnail at <= 4 tokens

@@ -19,8 +19,8 @@ def test_assistant_mask_by_hand():
     assert assistant_mask([1, 7, 8, 5], 1, 2, [7, 8]) == [False, False, False, True]  # unterminated turn
 
 
-def test_loss_mask_is_exactly_the_assistant_turns(tiny_dir, small_world):
-    processor = AutoProcessor.from_pretrained(tiny_dir)
+def test_loss_mask_is_exactly_the_assistant_turns(small_tiny, small_world):
+    processor = AutoProcessor.from_pretrained(small_tiny)
     rng = np.random.default_rng(0)
     row = next(r for r in small_world.questions if r["kind"] == "image_text_search")
     episode = oracle_episode(row, small_world, rng)
@@ -32,8 +32,8 @@ def test_loss_mask_is_exactly_the_assistant_turns(tiny_dir, small_world):
     assert enc.image_grid_thw.shape[0] == 1 + 3  # question image + three image-search thumbnails
 
 
-def test_collate_pads_right_and_masks_labels(tiny_dir, small_world):
-    processor = AutoProcessor.from_pretrained(tiny_dir)
+def test_collate_pads_right_and_masks_labels(small_tiny, small_world):
+    processor = AutoProcessor.from_pretrained(small_tiny)
     rng = np.random.default_rng(1)
     encs = [encode_episode(processor, oracle_episode(r, small_world, rng)) for r in small_world.questions[:3]]
     batch = collate(encs, processor.tokenizer.pad_token_id)
@@ -44,8 +44,8 @@ def test_collate_pads_right_and_masks_labels(tiny_dir, small_world):
     assert batch["pixel_values"].shape[0] == sum(e.pixel_values.shape[0] for e in encs)
 
 
-def test_evaluation_scores_episodes(tiny_dir, small_paths):
-    report = evaluate_warmstart(tiny_dir, small_paths, split="test", per_kind=1, max_turns=2, max_new_tokens=8)
+def test_evaluation_scores_episodes(small_tiny, small_paths):
+    report = evaluate_warmstart(small_tiny, small_paths, split="test", per_kind=1, max_turns=2, max_new_tokens=8)
     assert report["questions"] == 4
     for key, value in report.items():
         if key.split("/")[0] in ("format_rate", "accuracy", "search_rate"):

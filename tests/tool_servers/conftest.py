@@ -8,14 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ts_helpers import NUM_IMAGES, PAGES, draw_entity, png
+from ts_helpers import NUM_IMAGES, PAGES, draw_entity
+from protocol.images import encode_png
 
 
 @pytest.fixture(scope="session")
 def image_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpora") / "images.parquet"
     rows = [
-        {"id": f"e{i}", "image": png(draw_entity(i)), "title": f"Entity {i}", "url": f"https://world.local/e{i}"}
+        {"id": f"e{i}", "image": encode_png(draw_entity(i)), "title": f"Entity {i}", "url": f"https://world.local/e{i}"}
         for i in range(NUM_IMAGES)
     ]
     pq.write_table(pa.Table.from_pylist(rows), path)

@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import io
 import threading
 from typing import Any
 
 from aiohttp import web
-from PIL import Image
+from testkit import solid_png
 
 API_KEY = "test-key-123"
-
-
-def png_bytes(colour: tuple[int, int, int], side: int = 300) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (side, side), colour).save(out, format="PNG")
-    return out.getvalue()
 
 
 class FakeWeb:
@@ -157,7 +150,7 @@ class FakeWeb:
             return web.Response(status=404, text="gone")
         if name in self.uploads:
             return web.Response(body=self.uploads[name], content_type="image/png")
-        return web.Response(body=png_bytes((40 * int(name) % 255, 90, 160)), content_type="image/png")
+        return web.Response(body=solid_png((40 * int(name) % 255, 90, 160), 300), content_type="image/png")
 
     async def upload(self, request: web.Request) -> web.Response:
         data = await request.read()

@@ -10,7 +10,8 @@ from protocol import ToolItem
 from tool_servers import ToolCallError, ToolClient, ToolServer, ToolServerRole
 from tool_servers.cache import CacheConfig, ResultCache, cache_key, normalise_query
 from tool_servers.server import cache_namespace
-from ts_helpers import FakeBackend, draw_entity, png, run
+from ts_helpers import FakeBackend, draw_entity, run
+from protocol.images import encode_png
 
 
 def items(*titles: str) -> list[ToolItem]:
@@ -31,7 +32,7 @@ def test_queries_that_differ_in_case_spacing_or_width_share_a_key():
 
 
 def test_images_are_keyed_by_content_and_numbers_by_type():
-    a, b = png(draw_entity(1)), png(draw_entity(2))
+    a, b = encode_png(draw_entity(1)), encode_png(draw_entity(2))
     assert cache_key("", "image_search", {"image": a}) == cache_key("", "image_search", {"image": bytes(a)})
     assert cache_key("", "image_search", {"image": a}) != cache_key("", "image_search", {"image": b})
     assert cache_key("", "t", {"k": 1}) != cache_key("", "t", {"k": 1.0})

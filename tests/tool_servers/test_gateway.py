@@ -18,7 +18,8 @@ from tool_servers.backends.local_image import LocalImageSearch
 from tool_servers.backends.local_text import LocalTextSearch
 from tool_servers.gateway import ToolGateway, start_gateway, wire_args
 from tool_servers.errors import ToolCallError
-from ts_helpers import FakeBackend, draw_entity, perturb, png, run
+from ts_helpers import FakeBackend, draw_entity, perturb, run
+from protocol.images import encode_png
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,7 @@ async def gateway_up(backends, *, token=None, mcp=False):
 
 
 def b64_png(index: int) -> str:
-    return base64.b64encode(png(perturb(draw_entity(index), seed=index))).decode()
+    return base64.b64encode(encode_png(perturb(draw_entity(index), seed=index))).decode()
 
 
 # ---------------------------------------------------------------- JSON over HTTP

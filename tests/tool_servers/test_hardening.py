@@ -20,7 +20,8 @@ from protocol import ToolOutbound, ToolRequest, decode, encode
 from tool_servers import ServerLimits, ToolClient
 from tool_servers.backends.local_image import LocalImageSearch
 from tool_servers.backends.local_text import LocalTextSearch
-from ts_helpers import code_of, draw_entity, exchange, png, raw_peer, request, run, serving
+from ts_helpers import code_of, draw_entity, exchange, raw_peer, request, run, serving
+from protocol.images import encode_png
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,7 +74,7 @@ def test_a_50_megapixel_image_is_refused_from_its_header(backends):
             reply = await exchange(peer, frame)
             assert code_of(reply) == "too_large" and "8000x6250" in reply.error.message
             assert time.monotonic() - start < 0.5  # refused from the header: never decoded
-            assert code_of(await exchange(peer, request(tool="image_search", args={"image": png(draw_entity(2))}))) \
+            assert code_of(await exchange(peer, request(tool="image_search", args={"image": encode_png(draw_entity(2))}))) \
                 == "ok"
     run(main())
 
@@ -107,7 +108,7 @@ def malformed_frames(count: int, seed: int = 7) -> list[list[bytes]]:
     rng = random.Random(seed)
     valid = {"type": "tool_request", "v": 1, "id": "f", "tool": "text_search", "args": {"query": "otter"},
              "deadline_ms": 2000}
-    image_request = encode(ToolRequest(id="img", tool="image_search", args={"image": png(draw_entity(3))}))
+    image_request = encode(ToolRequest(id="img", tool="image_search", args={"image": encode_png(draw_entity(3))}))
     frames = []
     for n in range(count):
         kind = n % 8

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ts_helpers import NUM_IMAGES, PAGES, draw_entity, perturb, png
+from ts_helpers import NUM_IMAGES, PAGES, draw_entity, perturb
 from tool_servers.backends import build_backend
 from tool_servers.backends.local_image import LocalImageSearch
 from tool_servers.backends.local_text import BM25Index, LocalTextSearch, cut_text, load_pages, tokenize
@@ -23,6 +23,7 @@ from tool_servers.cache import CacheConfig
 from tool_servers.corpus import build_wiki_corpus, wiki_pages
 from tool_servers.errors import ToolCallError
 from tool_servers.limits import ServerLimits
+from protocol.images import encode_png
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,7 +100,7 @@ def test_load_pages_names_the_bad_line(tmp_path):
 
 def test_perturbed_copies_find_their_original(image_corpus):
     backend = LocalImageSearch(image_corpus, top_k=3, thumbnail_size=32)
-    results = backend.search_batch([{"image": png(perturb(draw_entity(i), seed=i))} for i in range(NUM_IMAGES)])
+    results = backend.search_batch([{"image": encode_png(perturb(draw_entity(i), seed=i))} for i in range(NUM_IMAGES)])
     for i, items in enumerate(results):
         assert [it.title for it in items][0] == f"Entity {i}", [it.title for it in items]
         assert len(items) == 3 and items[0].url == f"https://world.local/e{i}"
@@ -109,9 +110,9 @@ def test_perturbed_copies_find_their_original(image_corpus):
 
 def test_image_search_rejects_bad_images_one_by_one(image_corpus):
     backend = LocalImageSearch(image_corpus, max_pixels=200 * 200)
-    good = png(draw_entity(5))
+    good = encode_png(draw_entity(5))
     truncated = good[: len(good) // 2]
-    huge = png(Image.new("RGB", (300, 300), (1, 2, 3)))
+    huge = encode_png(Image.new("RGB", (300, 300), (1, 2, 3)))
     results = backend.search_batch([{"image": b"not an image"}, {"image": truncated}, {"image": huge},
                                     {"image": good}, {"query": "x"}])
     codes = [r.code if isinstance(r, ToolCallError) else "ok" for r in results]
@@ -121,11 +122,11 @@ def test_image_search_rejects_bad_images_one_by_one(image_corpus):
 
 def test_image_corpus_in_hugging_face_struct_format(tmp_path):
     path = tmp_path / "hf.parquet"
-    rows = [{"id": f"e{i}", "image": {"bytes": png(draw_entity(i)), "path": None}, "title": f"E{i}", "url": ""}
+    rows = [{"id": f"e{i}", "image": {"bytes": encode_png(draw_entity(i)), "path": None}, "title": f"E{i}", "url": ""}
             for i in range(4)]
     pq.write_table(pa.Table.from_pylist(rows), path)
     backend = LocalImageSearch(path, top_k=1)
-    assert backend.search_batch([{"image": png(draw_entity(2))}])[0][0].title == "E2"
+    assert backend.search_batch([{"image": encode_png(draw_entity(2))}])[0][0].title == "E2"
 
 
 def test_image_corpus_errors_name_the_problem(tmp_path):
@@ -198,11 +199,11 @@ def test_image_search_with_an_hnsw_index_and_a_folder_corpus(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(NUM_IMAGES):
-        (folder / f"e{i:02d}.png").write_bytes(png(draw_entity(i)))
+        (folder / f"e{i:02d}.png").write_bytes(encode_png(draw_entity(i)))
     (folder / "notes.txt").write_text("not an image")
     (folder / "meta.jsonl").write_text(json.dumps({"file": "e03.png", "title": "Three", "url": "u3"}) + "\n")
     backend = LocalImageSearch(folder, top_k=2, index="hnsw")
-    results = backend.search_batch([{"image": png(perturb(draw_entity(i), seed=i))} for i in (3, 7)])
+    results = backend.search_batch([{"image": encode_png(perturb(draw_entity(i), seed=i))} for i in (3, 7)])
     assert [(i.title, i.url) for i in results[0]][0] == ("Three", "u3")
     assert results[1][0].title == "e07" and len(backend.ids) == NUM_IMAGES
 
@@ -217,7 +218,7 @@ def test_image_embedder_is_replaceable(image_corpus):
 
     backend = LocalImageSearch(image_corpus, top_k=1, image_embedder=ColourOnly())
     assert backend.index.dim == 3
-    assert backend.search_batch([{"image": png(draw_entity(4))}])[0][0].title == "Entity 4"
+    assert backend.search_batch([{"image": encode_png(draw_entity(4))}])[0][0].title == "Entity 4"
     with pytest.raises(ValueError, match="needs model_path"):
         LocalImageSearch(image_corpus, embedder="hf")
     with pytest.raises(ValueError, match="not a local folder"):
@@ -246,7 +247,7 @@ def tiny_clip(tmp_path_factory):
 def test_clip_checkpoint_from_a_local_folder_drives_image_search(image_corpus, tiny_clip):
     backend = LocalImageSearch(image_corpus, top_k=3, embedder="hf", model_path=str(tiny_clip))
     assert backend.index.dim == 16  # CLIP's projection
-    results = backend.search_batch([{"image": png(draw_entity(i))} for i in (0, 5)])
+    results = backend.search_batch([{"image": encode_png(draw_entity(i))} for i in (0, 5)])
     # Random weights still map an image to one fixed vector: the corpus original is its own nearest neighbour.
     assert [r[0].title for r in results] == ["Entity 0", "Entity 5"] and all(len(r) == 3 for r in results)
 

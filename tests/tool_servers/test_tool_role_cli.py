@@ -15,7 +15,8 @@ import zmq
 
 from tool_servers import SyncToolClient, ToolCallError, ToolServerRole
 from tool_servers.discovery import read_discovery
-from ts_helpers import draw_entity, perturb, png
+from ts_helpers import draw_entity, perturb
+from protocol.images import encode_png
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,7 @@ def test_role_serves_blocking_clients_from_many_threads(text_corpus, image_corpu
             assert info.value.code == "bad_request"
             assert client.stats()[text_endpoint]["requests"] == 41
         with SyncToolClient(image_endpoint) as client:
-            reply = client.call("image_search", {"image": png(perturb(draw_entity(3), seed=3))})
+            reply = client.call("image_search", {"image": encode_png(perturb(draw_entity(3), seed=3))})
             assert [i.title for i in reply.items][0] == "Entity 3" and len(reply.items) == 2
         stats = text.stats()
         assert stats["replies_ok"] == 40 and stats["error_bad_request"] == 1 and "latency_ms_p99" in stats

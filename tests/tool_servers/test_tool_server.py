@@ -23,13 +23,13 @@ from ts_helpers import (
     draw_entity,
     exchange,
     perturb,
-    png,
     raw_peer,
     request,
     run,
     serving,
 )
 from PIL import Image
+from protocol.images import encode_png
 
 SLACK_S = 0.05  # scheduling noise allowed on a shared 2-core machine
 
@@ -48,7 +48,7 @@ def test_both_tools_answer_with_the_right_hit_first(backends):
             text = await client.call("text_search", {"query": "who built the clock tower"})
             assert text.ok and text.items[0].title == "Harrow" and text.server_ms > 0
             for i in (0, 7, NUM_IMAGES - 1):
-                image = await client.call("image_search", {"image": png(perturb(draw_entity(i), seed=100 + i))})
+                image = await client.call("image_search", {"image": encode_png(perturb(draw_entity(i), seed=100 + i))})
                 assert image.items[0].title == f"Entity {i}" and image.items[0].image
     run(main())
 
@@ -56,7 +56,7 @@ def test_both_tools_answer_with_the_right_hit_first(backends):
 def test_many_coroutines_get_their_own_replies(backends):
     async def one(client, k):
         if k % 3 == 0:
-            reply = await client.call("image_search", {"image": png(draw_entity(k % NUM_IMAGES))})
+            reply = await client.call("image_search", {"image": encode_png(draw_entity(k % NUM_IMAGES))})
             return reply.items[0].title == f"Entity {k % NUM_IMAGES}"
         title, text = PAGES[k % len(PAGES)]
         reply = await client.call("text_search", {"query": text})
@@ -90,7 +90,7 @@ def test_worker_batches_what_is_queued_without_waiting():
 
 
 def _big_png(side: int) -> bytes:
-    return png(Image.new("RGB", (side, side), (10, 20, 30)))
+    return encode_png(Image.new("RGB", (side, side), (10, 20, 30)))
 
 
 BAD_FRAMES = {
@@ -317,7 +317,7 @@ def test_stats_count_requests_errors_and_latency(backends):
     async def main():
         async with serving(backends) as (_, endpoint), client_of(endpoint) as client, raw_peer(endpoint) as peer:
             await client.call("text_search", {"query": "otter"})
-            await client.call("image_search", {"image": png(draw_entity(1))})
+            await client.call("image_search", {"image": encode_png(draw_entity(1))})
             for args, tool in [({"query": ""}, "text_search"), ({"query": "x"}, "maps")]:
                 with pytest.raises(ToolCallError):
                     await client.call(tool, args)
@@ -412,7 +412,7 @@ def test_a_client_written_from_the_readme_alone(backends):
     async def main():
         async with serving(backends, token="t0k") as (_, endpoint), raw_peer(endpoint) as peer:
             await peer.send(msgpack.packb({"type": "tool_request", "id": "x1", "tool": "image_search",
-                                           "args": {"image": png(draw_entity(4))}, "deadline_ms": 3000,
+                                           "args": {"image": encode_png(draw_entity(4))}, "deadline_ms": 3000,
                                            "token": "t0k"}, use_bin_type=True))
             reply = msgpack.unpackb(await asyncio.wait_for(peer.recv(), 2.0), raw=False)
             assert reply["type"] == "tool_reply" and reply["id"] == "x1" and reply["ok"] is True

@@ -11,8 +11,10 @@ from PIL import Image
 
 from tool_servers import ToolCallError, ToolClient, ToolServer
 from tool_servers.backends.web import HttpClient, HttpLimits, TokenBucket, WebImageSearch, WebTextSearch
-from fake_web import API_KEY, FakeWeb, png_bytes
+from fake_web import API_KEY, FakeWeb
 from ts_helpers import run
+from protocol.sockets import free_port
+from testkit import solid_png
 
 FAST = {"timeout_s": 0.3, "retries": 2, "backoff_s": 0.01, "rate_per_s": 0}  # quick faults, no throttling
 
@@ -137,11 +139,7 @@ def test_other_failures_are_not_retried(text_search, fake, query, code, text):
 
 
 def test_unreachable_host_is_a_backend_error_without_retries():
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     backend = WebTextSearch(endpoint=f"http://127.0.0.1:{port}/search.json", reader_endpoint=None, **FAST)
     try:
         error = one(backend, {"query": "anyone"})
@@ -185,7 +183,7 @@ def test_lens_with_image_bytes_uploads_them_first(fake):
     backend = WebImageSearch(endpoint=f"{fake.base}/serpapi/search.json", upload_endpoint=f"{fake.base}/upload",
                              upload_key_env="UPLOAD_KEY", top_k=1, **FAST)
     try:
-        photo = png_bytes((200, 10, 10), side=40)
+        photo = solid_png((200, 10, 10), 40)
         items = one(backend, {"image": photo})
         assert len(items) == 1 and fake.uploads["u0"] == photo
         assert fake.calls[1]["params"]["url"] == f"{fake.base}/img/u0"

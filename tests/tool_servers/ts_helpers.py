@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,12 +56,6 @@ def perturb(image: Image.Image, seed: int) -> Image.Image:
     pixels = np.asarray(image, np.float32) * 1.08 + rng.normal(0, 12, (*image.size[::-1], 3))
     pixels = np.roll(pixels, shift=(2, -2), axis=(0, 1))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 NUM_IMAGES = 12

@@ -6,7 +6,6 @@ SigLIP checkpoint from a local folder. The corpus is a parquet file or a folder 
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from protocol import ToolItem
+from protocol.images import ImageError, open_image, png_thumbnail
 from tool_servers.backends.base import BatchResult
 from tool_servers.backends.embedders import (
     HFImageEmbedder,
@@ -38,27 +38,16 @@ EMBED_CHUNK = 256  # corpus images decoded and embedded at a time
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 EMBEDDERS = ("features", "hf")
 
-__all__ = ["LocalImageSearch", "decode_image", "image_features", "load_corpus", "png_thumbnail"]
+__all__ = ["LocalImageSearch", "decode_within_limits", "image_features", "load_corpus"]
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_within_limits(data: bytes, max_pixels: int) -> Image.Image:
     """Fully decoded image, or ToolCallError bad_request (undecodable) / too_large (over max_pixels)."""
     image_size(data, max_pixels)  # header first: never decode a pixel bomb
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as exc:  # truncated or corrupt data fails only at load()
-        raise ToolCallError("bad_request", f"undecodable image ({len(data)} bytes): {exc}") from exc
-    return image
-
-
-def png_thumbnail(image: Image.Image, size: int) -> bytes:
-    """PNG bytes of the image shrunk (aspect kept) so that neither side exceeds `size`."""
-    thumb = image.convert("RGB")
-    thumb.thumbnail((size, size), Image.Resampling.BILINEAR)
-    out = io.BytesIO()
-    thumb.save(out, format="PNG")
-    return out.getvalue()
+        return open_image(data)
+    except ImageError as exc:  # truncated or corrupt data fails only at load()
+        raise ToolCallError("bad_request", str(exc)) from exc
 
 
 @dataclass
@@ -160,11 +149,11 @@ class LocalImageSearch:
             images = []
             for row, record in enumerate(records[start_row:start_row + EMBED_CHUNK], start_row):
                 try:
-                    image = decode_image(record.data, max_pixels)
+                    image = decode_within_limits(record.data, max_pixels)
                 except ToolCallError as exc:
                     raise ValueError(f"{corpus}: row {row} (id {record.id!r}): {exc}") from exc
                 images.append(image)
-                self.thumbnails.append(png_thumbnail(image, thumbnail_size))
+                self.thumbnails.append(png_thumbnail(image, thumbnail_size, Image.Resampling.BILINEAR))
             vectors.append(self.embedder.embed_images(images))
         self.index = VectorIndex(np.concatenate(vectors), kind=index, hnsw_m=hnsw_m, threads=threads)
         log.info("image_search: indexed %d images (%s, %d dimensions, faiss %s) from %s in %.2f s", len(self.ids),
@@ -186,7 +175,7 @@ class LocalImageSearch:
         for i, args in enumerate(batch):
             try:
                 self.validate(args)
-                queries.append(decode_image(args["image"], self.max_pixels))
+                queries.append(decode_within_limits(args["image"], self.max_pixels))
                 rows.append(i)
             except Exception as exc:  # one bad image must not fail its batch-mates
                 results[i] = exc

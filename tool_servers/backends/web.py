@@ -11,7 +11,6 @@ or logs. Upstream failures map to ToolCallError codes: 429 -> overloaded, anythi
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
@@ -23,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from PIL import Image
 from yarl import URL
 
 from protocol import ToolItem
+from protocol.images import decode_image, png_thumbnail
 from protocol.metrics import Metrics
 from tool_servers.backends.base import BatchResult
 from tool_servers.backends.local_text import cut_text, tokenize
@@ -315,12 +314,7 @@ class WebImageSearch(_WebBackend):
         try:
             data = await self.http("thumbnails").fetch("GET", url)
             image_size(data, self.max_pixels)
-            with Image.open(io.BytesIO(data)) as image:
-                image = image.convert("RGB")
-                image.thumbnail((self.thumbnail_size, self.thumbnail_size))
-                out = io.BytesIO()
-                image.save(out, format="PNG")
-            return out.getvalue()
+            return png_thumbnail(decode_image(data), self.thumbnail_size)
         except Exception as exc:  # a missing thumbnail costs the item its picture, not the whole answer
             self.metrics.inc("thumbnail_failures")
             log.info("thumbnail %s dropped: %s", URL(url).host, exc)
