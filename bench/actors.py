@@ -125,6 +125,7 @@ class SlowToolServer:
 
     async def _answer(self, route, request) -> None:
         from actors_helpers import COLOURS, solid_image
+        from protocol.images import encode_png
 
         from protocol import ToolItem, ToolReply, encode
 
@@ -147,6 +148,7 @@ async def episodes_vs_concurrency(engine, tok, levels: list[int], episodes: int,
     from actors.config import EpisodeConfig, SamplingConfig
     from actors.episode import Question, run_episode
     from actors_helpers import COLOURS, solid_image
+    from protocol.images import encode_png
     from protocol.metrics import Metrics
     from tool_servers.client import ToolClient
 

@@ -27,7 +27,7 @@ from actors.weights import WeightApplier
 from actors_helpers import FakeLearner, FakeTools, solid_image
 from protocol import (AdmissionReply, AdmissionRequest, GroupAck, TrajectoryGroup, WeightAnnounce, WeightNone,
                       WeightQuery, from_ndarray)
-from protocol.images import decode_image
+from protocol.images import decode_image, encode_png
 from protocol.weights import FsManifest, write_fs_manifest
 
 pytestmark = pytest.mark.slow
