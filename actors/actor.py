@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 from actors.config import ActorConfig
 from actors.engine import EngineError, EngineHung, engine_for_actor
-from actors.episode import EpisodeResult, EpisodeTokenizer, Question, ToolCaller, first_prompt_length, run_episode
+from actors.episode import EpisodeResult, Question, ToolCaller, first_prompt_length, run_episode
+from episode.tokenizer import EpisodeTokenizer
 from actors.reward import compute_reward
 from actors.spool import Grant, GroupSpool
 from actors.transport import LearnerLink, TransportClosed

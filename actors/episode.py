@@ -1,8 +1,7 @@
-"""One MMSearch-R1 episode, token-in/token-out: parse each generated turn, call the search tools, and append the
-tool results as new tokens, so the trajectory's token ids are exactly the ones the engine consumed and produced.
-
-Parsing (`parse_turn`) is pure. `EpisodeTokenizer` renders chat-template pieces to token ids (each piece tokenised
-on its own and appended; generated tokens are never decoded and re-encoded). `run_episode` is the async loop.
+"""One MMSearch-R1 episode on a rollout engine, token-in/token-out: parse each generated turn, call the search tools,
+and append the tool results as new tokens, so the trajectory's token ids are exactly the ones the engine consumed
+and produced. The episode format itself (prompts, tokenisation, turn parsing) lives in episode/; `run_episode` is
+the async loop that plays it.
 """
 from __future__ import annotations
 
@@ -10,159 +9,23 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 from PIL import Image
 
-from actors import prompts
 from actors.config import EpisodeConfig, SamplingConfig
 from actors.engine import Engine, EngineError, EngineHung, TurnRequest
 from actors.reward import Reward
+from episode import prompts
+from episode.tokenizer import EpisodeTokenizer
+from episode.turns import IMAGE_SEARCH, TEXT_SEARCH, TurnAction, parse_turn
 from protocol import ToolReply, Trajectory, to_ndarray
 from protocol.images import ImageError, decode_image, image_size
 from protocol.metrics import Metrics
 from tool_servers.client import ToolCallError
 
 log = logging.getLogger(__name__)
-
-IMAGE_SEARCH, TEXT_SEARCH = "image_search", "text_search"
-ActionKind = Literal["answer", "image_search", "text_search", "invalid_call", "none"]
-_SENTINEL = "\u2063forage-turn-end\u2063"  # stands in for an assistant turn's content when rendering the template
-
-
-# ---------------------------------------------------------------- parsing (pure)
-
-@dataclass(frozen=True)
-class TurnAction:
-    """What a generated turn asks for: the final answer, a search (with its query), or nothing usable.
-    `error` names why a call is invalid: orphan_close, nested_tags, bad_image_call, empty_query."""
-
-    kind: ActionKind
-    query: str = ""
-    answer: str | None = None
-    error: str = ""
-
-
-def _action_body(text: str, open_tag: str, close_tag: str) -> tuple[str | None, str]:
-    """(inner text of the call that ends `text`, error). The call is the part after the previous `close_tag`;
-    it must hold exactly one `open_tag` and no other tag of the protocol inside."""
-    body = text[:-len(close_tag)]
-    previous = body.rfind(close_tag)
-    segment = body[previous + len(close_tag):] if previous >= 0 else body
-    opens = segment.count(open_tag)
-    if opens == 0:
-        return None, "orphan_close"
-    if opens > 1:
-        return None, "nested_tags"
-    inner = segment[segment.index(open_tag) + len(open_tag):]
-    return inner, ""
-
-
-def _has_tag(inner: str, allowed: tuple[str, ...] = ()) -> bool:
-    return any(tag in inner for tag in prompts.TAGS if tag not in allowed)
-
-
-def parse_turn(text: str) -> TurnAction:
-    """Classify a decoded turn by how it ends (generation stops right after a closing tag). Malformed calls
-    (a close without its open, nested or foreign tags inside the call, an image call without exactly <img>, an
-    empty query) are `invalid_call` with the reason in `error`."""
-    stripped = text.rstrip()
-    if stripped.endswith(prompts.ANSWER_CLOSE):
-        inner, error = _action_body(stripped, prompts.ANSWER_OPEN, prompts.ANSWER_CLOSE)
-        if inner is not None and _has_tag(inner):
-            error = "nested_tags"
-        return TurnAction("answer", answer=inner) if not error else TurnAction("invalid_call", error=error)
-    if stripped.endswith(prompts.IMAGE_SEARCH_CLOSE):
-        inner, error = _action_body(stripped, prompts.IMAGE_SEARCH_OPEN, prompts.IMAGE_SEARCH_CLOSE)
-        if inner is not None and inner.strip() != prompts.IMAGE_TAG:
-            error = "nested_tags" if _has_tag(inner, (prompts.IMAGE_TAG,)) else "bad_image_call"
-        return TurnAction(IMAGE_SEARCH) if not error else TurnAction("invalid_call", error=error)
-    if stripped.endswith(prompts.TEXT_SEARCH_CLOSE):
-        inner, error = _action_body(stripped, prompts.TEXT_SEARCH_OPEN, prompts.TEXT_SEARCH_CLOSE)
-        if inner is not None:
-            if _has_tag(inner):
-                error = "nested_tags"
-            elif not inner.strip():
-                error = "empty_query"
-        return TurnAction(TEXT_SEARCH, query=inner.strip()) if not error else TurnAction("invalid_call", error=error)
-    return TurnAction("none")
-
-
-# ---------------------------------------------------------------- token pieces
-
-class EpisodeTokenizer:
-    """Token ids of the prompt pieces an episode appends, rendered with the model's own chat template."""
-
-    def __init__(self, processor: Any) -> None:
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        vocab = self.tokenizer.get_vocab()
-        self.image_pad_id = vocab["<|image_pad|>"]
-        # Vision placeholders the policy must not emit: a later prompt would read them as images, and the learner
-        # rejects generated placeholders. They are not banned in sampling (that would make the behaviour
-        # distribution differ from the policy's); a turn is cut just before one and the episode ends.
-        self.forbidden_ids = {vocab[t] for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
-                                                 "<|video_pad|>") if t in vocab}
-        self.stop_token_ids: list[int] = []
-        self.stop_strings: list[str] = []
-        for tag in prompts.TURN_STOPS:  # one-token tags stop on the id (exact); others on the string
-            ids = self.tokenizer.encode(tag, add_special_tokens=False)
-            (self.stop_token_ids.extend(ids) if len(ids) == 1 else self.stop_strings.append(tag))
-        for tok in ("<|im_end|>", self.tokenizer.eos_token):
-            if tok and tok in vocab and vocab[tok] not in self.stop_token_ids:
-                self.stop_token_ids.append(vocab[tok])
-        image_processor = processor.image_processor
-        self._merge = int(getattr(image_processor, "merge_size", 1)) ** 2
-
-    @classmethod
-    def from_pretrained(cls, model_path: str | Path) -> "EpisodeTokenizer":
-        from transformers import AutoProcessor
-
-        return cls(AutoProcessor.from_pretrained(str(model_path)))
-
-    def _encode(self, text: str, images: int, what: str) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        found = ids.count(self.image_pad_id)
-        if found != images:
-            raise ValueError(f"{what}: {found} image placeholders for {images} images in {text!r}")
-        return ids
-
-    def first_prompt(self, question: str) -> list[int]:
-        """The first user turn plus the generation prompt, with one placeholder for the question's image."""
-        text = self.processor.apply_chat_template([prompts.first_user_message(question)], tokenize=False,
-                                                  add_generation_prompt=True)
-        return self._encode(text, 1, "first prompt")
-
-    def continuation(self, results: list[tuple[str, str, bool]]) -> list[int]:
-        """Tokens that close the assistant turn, then the <information> user turn and the generation prompt."""
-        return self.continuation_with(prompts.information_message(results),
-                                      sum(has_image for _, _, has_image in results))
-
-    def continuation_with(self, message: dict, images: int = 0) -> list[int]:
-        """Tokens that close the assistant turn, then the user turn `message` (holding `images` image parts) and
-        the generation prompt, rendered by the chat template after a stand-in assistant turn."""
-        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}, message]
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text.count(_SENTINEL) != 1:
-            raise ValueError(f"chat template rendered the assistant turn {text.count(_SENTINEL)} times")
-        suffix = text[text.index(_SENTINEL) + len(_SENTINEL):]
-        return self._encode(suffix, images, "tool-result turn")
-
-    def image_tokens(self, image: Image.Image) -> int:
-        """Placeholder tokens the engine will expand one image into (used to budget max_total_tokens)."""
-        return self.image_tokens_of_size(image.width, image.height)
-
-    def image_tokens_of_size(self, width: int, height: int) -> int:
-        """`image_tokens` of an image of that size (read from its header: nothing decoded)."""
-        counter = getattr(self.processor.image_processor, "get_number_of_image_patches", None)
-        if counter is None:
-            return 1
-        return int(counter(height, width, {})) // self._merge
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def first_prompt_length(tok: EpisodeTokenizer, question: "Question") -> int:

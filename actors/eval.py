@@ -19,8 +19,10 @@ from typing import Any, Mapping
 
 from actors.actor import load_questions
 from actors.config import ActorConfig
-from actors.episode import EpisodeResult, EpisodeTokenizer, Question, ToolCaller, run_episode
-from actors.reward import compute_reward, last_answer
+from actors.episode import EpisodeResult, Question, ToolCaller, run_episode
+from episode.tokenizer import EpisodeTokenizer
+from actors.reward import compute_reward
+from episode.turns import last_answer
 from protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)

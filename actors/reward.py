@@ -17,14 +17,12 @@
 """
 from __future__ import annotations
 
-import re
-import string
 from dataclasses import dataclass
 
-from actors import prompts
+from episode import prompts
+from episode.answers import answer_matches
+from episode.turns import last_answer
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
 _ACTION_TAGS = {
     "image": (prompts.IMAGE_SEARCH_OPEN, prompts.IMAGE_SEARCH_CLOSE),
     "text": (prompts.TEXT_SEARCH_OPEN, prompts.TEXT_SEARCH_CLOSE),
@@ -77,35 +75,6 @@ class Reward:
 
     def parts(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "format": self.format, "penalty": self.penalty}
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lowercase, punctuation to spaces, drop articles, collapse whitespace."""
-    text = text.lower().translate(_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def answer_matches(predicted: str | None, answer: str, aliases: list[str], match: str = "exact") -> bool:
-    """Whether `predicted` matches the answer or an alias after normalisation (EM or word-boundary SubEM)."""
-    if predicted is None:
-        return False
-    targets = {normalize_answer(a) for a in [answer, *aliases]} - {""}
-    pred = normalize_answer(predicted)
-    if match == "exact":
-        return pred in targets
-    padded = f" {pred} "
-    return any(f" {t} " in padded for t in targets)
-
-
-def last_answer(turn: str) -> str | None:
-    """Content of the last complete <answer>...</answer> in `turn`, or None."""
-    end = turn.rfind(prompts.ANSWER_CLOSE)
-    if end < 0:
-        return None
-    start = turn.rfind(prompts.ANSWER_OPEN, 0, end)
-    if start < 0:
-        return None
-    return turn[start + len(prompts.ANSWER_OPEN):end]
 
 
 def turn_action(turn: str) -> str | None:

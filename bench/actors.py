@@ -45,8 +45,8 @@ def hf_generate(model_dir: Path, batch: int, new_tokens: int) -> dict:
     """transformers generate: one left-padded batch, sampling at temperature 1, exactly `new_tokens` each."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from actors import prompts
-    from actors.episode import EpisodeTokenizer
+    from episode import prompts
+    from episode.tokenizer import EpisodeTokenizer
 
     processor = AutoProcessor.from_pretrained(model_dir)
     tok = EpisodeTokenizer(processor)
@@ -228,7 +228,7 @@ def main() -> int:
 
     from actors.config import EngineConfig
     from actors.engine import VllmEngine
-    from actors.episode import EpisodeTokenizer
+    from episode.tokenizer import EpisodeTokenizer
 
     async def with_engine(model_dir: Path, body):
         engine = VllmEngine(model_dir, EngineConfig(cpu_threads_bind="0", max_num_seqs=64), work / "run",

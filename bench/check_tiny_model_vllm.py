@@ -48,7 +48,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from actors import prompts
+    from episode import prompts
     from protocol.images import decode_image
     from data.world import KINDS, WorldConfig, ensure_world, load_world
     from models.ensure import ModelConfig, ensure_model

@@ -141,7 +141,7 @@ async def curate(model_path: str, data_path: str, out_dir: str, tools: Mapping[s
     (tests)."""
     from actors.actor import load_questions
     from actors.config import ActorConfig
-    from actors.episode import EpisodeTokenizer
+    from episode.tokenizer import EpisodeTokenizer
     from actors.eval import eval_questions
     from data.curation import CurationConfig, balanced_subset, label_questions, write_curated
 

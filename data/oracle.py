@@ -1,5 +1,5 @@
-"""Oracle episodes for the warm start: the turns an ideal searching agent would produce for a world question,
-with simulated tool results, rendered as the chat messages an actor would show the model.
+"""Oracle episodes of the synthetic world for the warm start: the turns an ideal searching agent would produce for a
+world question, with simulated tool results (episode/oracle.py renders them as chat messages and trajectories).
 """
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors import prompts
 from data.names import fresh_name
 from data.world import PATTERNS, SEARCH_LABEL, Entity, World, replace_name
-
-IMAGE_SEARCH, TEXT_SEARCH = "image_search", "text_search"
-
+from episode import prompts
+from episode.oracle import OracleEpisode, OracleTurn, SearchHit
+from episode.turns import IMAGE_SEARCH, TEXT_SEARCH
 
 @dataclass(frozen=True)
 class OracleConfig:
@@ -33,35 +32,6 @@ class OracleConfig:
         if self.image_results < 1 or self.text_results < 1 or self.text_chars < 1:
             raise ValueError(f"results per search must be >= 1: image={self.image_results} "
                              f"text={self.text_results} chars={self.text_chars}")
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    title: str
-    text: str
-    image: bytes | None  # PNG thumbnail for image hits, None for text hits
-
-
-@dataclass(frozen=True)
-class OracleTurn:
-    assistant: str  # the whole assistant turn, tags included
-    tool: str | None  # IMAGE_SEARCH | TEXT_SEARCH after a search call, None after the final answer
-    results: tuple[SearchHit, ...] = ()
-
-
-@dataclass(frozen=True)
-class OracleEpisode:
-    question_id: str
-    kind: str
-    question: str  # as shown to the model (with the fresh name when swapped)
-    image: bytes
-    answer: str  # the answer the turns end with (the fresh name for a swapped name question)
-    turns: tuple[OracleTurn, ...]
-    fresh_names: bool
-
-    @property
-    def searches(self) -> int:
-        return sum(t.tool is not None for t in self.turns)
 
 
 def _turn(reason: str, action: str) -> str:
@@ -205,16 +175,3 @@ def oracle_texts(world: World, seed: int, cfg: OracleConfig = OracleConfig()) ->
     for episode in oracle_episodes(world, "train", seed, cfg):
         for turn in episode.turns:
             yield turn.assistant
-
-
-def episode_messages(episode: OracleEpisode) -> tuple[list[dict], list[bytes]]:
-    """HF chat messages of `episode` as an actor shows them, and its images in message order."""
-    messages = [prompts.first_user_message(episode.question)]
-    images = [episode.image]
-    for turn in episode.turns:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
-        if turn.tool is not None:
-            messages.append(prompts.information_message(
-                [(hit.title, hit.text, hit.image is not None) for hit in turn.results]))
-            images.extend(hit.image for hit in turn.results if hit.image is not None)
-    return messages, images

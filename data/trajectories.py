@@ -1,77 +1,16 @@
-"""Oracle episodes as the trajectories an actor would record if its engine generated exactly the oracle's turns:
-tokenised piece by piece with the actors' own episode tokenizer (first prompt, generated turn, tool-result
-continuation), each image placeholder expanded the way the engine expands it, loss mask 1 on generated tokens only.
-The learner's warm start (learner/sft.py, `algo=sft`) trains on these, so it never has to import actors/.
+"""Batches of the synthetic world's oracle episodes as trajectories (episode/oracle.py tokenises each the way an
+actor records an episode): what the learner's warm start (learner/sft.py, `algo=sft`) trains on.
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 import numpy as np
 
-from actors.episode import EpisodeTokenizer
-from data.oracle import OracleConfig, OracleEpisode, oracle_episode
+from data.oracle import OracleConfig, oracle_episode
 from data.world import World
-from protocol import Trajectory, from_ndarray, to_ndarray
-from protocol.images import image_size
-
-
-def trajectory_length(trajectory: Trajectory) -> int:
-    return int(from_ndarray(trajectory.token_ids).shape[0])
-
-
-def oracle_tokenizer(model_path: str | Path) -> EpisodeTokenizer:
-    """The episode tokenizer of the model folder (its processor and chat template), as an actor builds it."""
-    return EpisodeTokenizer.from_pretrained(model_path)
-
-
-def expand_placeholders(ids: list[int], image_pad_id: int, counts: list[int]) -> list[int]:
-    """`ids` with the k-th `image_pad_id` repeated counts[k] times, as the engine expands each image's placeholder."""
-    out: list[int] = []
-    k = 0
-    for token in ids:
-        if token == image_pad_id:
-            if k >= len(counts):
-                raise ValueError(f"more image placeholders than images ({len(counts)})")
-            out.extend([token] * counts[k])
-            k += 1
-        else:
-            out.append(token)
-    if k != len(counts):
-        raise ValueError(f"{k} image placeholders for {len(counts)} images")
-    return out
-
-
-def oracle_trajectory(tok: EpisodeTokenizer, episode: OracleEpisode) -> Trajectory:
-    """First prompt, then per turn the generated tokens (loss mask 1) and the tool-result continuation (mask 0);
-    behaviour log-probs 0 and versions -1 (nothing was sampled), reward 1 (the oracle is right)."""
-    def expanded(ids: list[int], images: list[bytes]) -> list[int]:
-        return expand_placeholders(ids, tok.image_pad_id, [tok.image_tokens_of_size(*image_size(b)) for b in images])
-
-    images = [episode.image]
-    ids = expanded(tok.first_prompt(episode.question), images)
-    mask = [0] * len(ids)
-    searches = {"image_search": 0, "text_search": 0}
-    for turn in episode.turns:
-        generated = tok.tokenizer.encode(turn.assistant, add_special_tokens=False)
-        if tok.forbidden_ids.intersection(generated):
-            raise ValueError(f"oracle turn of {episode.question_id} holds a vision placeholder: {turn.assistant!r}")
-        ids += generated
-        mask += [1] * len(generated)
-        if turn.tool is not None:
-            searches[turn.tool] += 1
-            shown = [(hit.title, hit.text, hit.image is not None) for hit in turn.results]
-            new = [hit.image for hit in turn.results if hit.image is not None]
-            piece = expanded(tok.continuation(shown), new)
-            ids += piece
-            mask += [0] * len(piece)
-            images += new
-    n = len(ids)
-    return Trajectory(token_ids=to_ndarray(np.asarray(ids, np.int32)), loss_mask=to_ndarray(np.asarray(mask, np.uint8)),
-                      behaviour_logprobs=to_ndarray(np.zeros(n, np.float32)),
-                      versions=to_ndarray(np.full(n, -1, np.int32)), images=images, reward=1.0,
-                      image_searches=searches["image_search"], text_searches=searches["text_search"],
-                      num_turns=len(episode.turns), finish_reason="answer")
+from episode.oracle import oracle_trajectory, trajectory_length
+from episode.tokenizer import EpisodeTokenizer
+from protocol import Trajectory
 
 
 class OracleStream:

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from data.oracle import OracleConfig
-from data.trajectories import OracleStream, oracle_tokenizer
+from data.trajectories import OracleStream
+from episode.tokenizer import EpisodeTokenizer
 from data.world import WorldPaths, load_world
 from learner.config import AlgoConfig, LearnerConfig, _from_dict
 from learner.packing import Sample
@@ -175,7 +176,7 @@ class SftRank:
         self.device = rank_device(self.learner, rank)
         join_world(self.learner, master_addr, master_port, rank, world_size)
         self.trainer = Trainer(model_path, self.learner, self.sft.algo_config(), self.device, objective="sft")
-        self.stream = OracleStream(load_world(WorldPaths(Path(world_root))), oracle_tokenizer(model_path),
+        self.stream = OracleStream(load_world(WorldPaths(Path(world_root))), EpisodeTokenizer.from_pretrained(model_path),
                                    self.sft.oracle(), split=self.sft.split, seed=self.sft.seed,
                                    batch_size=self.sft.batch_size, vision_steps=self.sft.vision_steps)
         self._stop = threading.Event()

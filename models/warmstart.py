@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from actors import prompts
-from data.oracle import (
-    OracleConfig, OracleEpisode, SearchHit, episode_messages, image_hits, text_hits,
-)
+from episode import prompts
+from data.oracle import OracleConfig, image_hits, text_hits
+from episode.oracle import OracleEpisode, SearchHit, episode_messages
 from data.world import KINDS, World, WorldPaths, load_world
 from models.tokenizer import IM_END, IM_START
 from protocol.images import decode_image

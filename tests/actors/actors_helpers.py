@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 from PIL import Image
 
-from actors import prompts
+from episode import prompts
 from actors.engine import TurnOutput, TurnRequest
 from protocol import (LearnerInbound, NamedArray, ToolError, ToolItem, ToolReply, WeightBucket, decode, encode,
                       to_ndarray)

@@ -26,6 +26,6 @@ def taught_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def episode_tokenizer(tiny_model_dir: Path):
-    from actors.episode import EpisodeTokenizer
+    from episode.tokenizer import EpisodeTokenizer
 
     return EpisodeTokenizer.from_pretrained(tiny_model_dir)

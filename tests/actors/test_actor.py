@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from actors.actor import QuestionOrder, RolloutActor, load_questions
 from actors.engine import EngineError, TurnOutput, TurnRequest
 from actors.spool import Grant, GroupSpool
-from actors.episode import EpisodeTokenizer
+from episode.tokenizer import EpisodeTokenizer
 from actors_helpers import FakeLearner, FakeTools, solid_image, weight_buckets
 from protocol import (AdmissionRelease, AdmissionReply, AdmissionRequest, GroupAck, TrajectoryGroup, WeightNone,
                       WeightQuery, from_ndarray)

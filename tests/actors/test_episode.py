@@ -6,10 +6,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from actors import prompts
+from episode import prompts
 from actors.config import EpisodeConfig, SamplingConfig
 from actors.engine import EngineError, EngineHung
-from actors.episode import Question, first_prompt_length, parse_turn, run_episode
+from actors.episode import Question, first_prompt_length, run_episode
+from episode.turns import parse_turn
 from actors.reward import compute_reward
 from actors_helpers import FakeTools, ScriptedEngine, solid_image
 from protocol import TrajectoryGroup, decode, encode, from_ndarray

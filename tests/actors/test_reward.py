@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.reward import RewardConfig, compute_reward, format_score, normalize_answer
+from actors.reward import RewardConfig, compute_reward, format_score
+from episode.answers import normalize_answer
 
 R = "<reason> think </reason>"
 IMG = "<search><img></search>"

@@ -21,7 +21,8 @@ import torch
 from actors.actor import RolloutActor
 from actors.config import EngineConfig, EpisodeConfig, SamplingConfig
 from actors.engine import TurnRequest, VllmEngine, weight_transfer_requests
-from actors.episode import EpisodeTokenizer, Question, run_episode
+from actors.episode import Question, run_episode
+from episode.tokenizer import EpisodeTokenizer
 from actors.transport import WeightUpdate
 from actors.weights import WeightApplier
 from actors_helpers import FakeLearner, FakeTools, solid_image

@@ -67,7 +67,7 @@ class SearchThenAnswerEngine:
 
     async def generate(self, request):
         from actors.engine import TurnOutput
-        from actors.prompts import SEARCH_LIMIT
+        from episode.prompts import SEARCH_LIMIT
 
         prompt = self.tok.tokenizer.decode(request.prompt_token_ids)
         if "title: thing" in prompt:
@@ -96,7 +96,7 @@ class ImageSearch:
 
 
 def test_curate_labels_from_runs_with_and_without_search(tiny_model_dir, tmp_path):
-    from actors.episode import EpisodeTokenizer
+    from episode.tokenizer import EpisodeTokenizer
 
     rows = [{"id": f"{answer}{i}", "image": solid_png((40 * i, 80, 80)), "question": "what colour is it?",
              "answer": answer, "aliases": [], "kind": "test", "search_label": "", "split": "train"}

@@ -7,10 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from actors import prompts
-from data.oracle import (
-    IMAGE_SEARCH, TEXT_SEARCH, OracleConfig, episode_messages, oracle_episode, oracle_episodes, oracle_texts,
-)
+from episode import prompts
+from data.oracle import OracleConfig, oracle_episode, oracle_episodes, oracle_texts
+from episode.oracle import episode_messages
+from episode.turns import IMAGE_SEARCH, TEXT_SEARCH
 
 TURN = re.compile(r"^<reason>[^<]+</reason>(<search><img></search>|<text_search> [a-z0-9 ]+ </text_search>"
                   r"|<answer> [a-z0-9 ]+ </answer>)$")

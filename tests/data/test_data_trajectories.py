@@ -10,9 +10,12 @@ import pytest
 
 from actors.config import EpisodeConfig, SamplingConfig
 from actors.engine import TurnOutput, TurnRequest
-from actors.episode import EpisodeTokenizer, Question, run_episode
+from actors.episode import Question, run_episode
+from episode.tokenizer import EpisodeTokenizer
 from data.oracle import OracleConfig, oracle_episode
-from data.trajectories import OracleStream, expand_placeholders, oracle_tokenizer, oracle_trajectory
+from data.trajectories import OracleStream
+from episode.oracle import oracle_trajectory
+from episode.tokenizer import expand_placeholders
 from models.warmstart import encode_episode
 from protocol import ToolItem, ToolReply, from_ndarray
 
@@ -64,7 +67,7 @@ class _ReplayTools:
 def test_oracle_trajectory_is_exactly_what_an_actor_records(small_world, small_tiny):
     """The actor's own episode loop, fed the oracle's turns and hits, records the same tokens and loss mask."""
     world = small_world
-    tok = oracle_tokenizer(small_tiny)
+    tok = EpisodeTokenizer.from_pretrained(small_tiny)
     for episode in _episodes(world):
         trajectory = oracle_trajectory(tok, episode)
         turns = [tok.tokenizer.encode(t.assistant, add_special_tokens=False) for t in episode.turns]
@@ -86,7 +89,7 @@ def test_oracle_trajectory_is_exactly_what_an_actor_records(small_world, small_t
 def test_oracle_trajectory_agrees_with_the_whole_chat_template(small_world, small_tiny):
     """An independent rendering: the processor on the whole conversation expands images itself. The trajectory is
     its prefix (the template adds the last turn's <|im_end|>), and the loss tokens decode to the assistant turns."""
-    tok = oracle_tokenizer(small_tiny)
+    tok = EpisodeTokenizer.from_pretrained(small_tiny)
     for episode in _episodes(small_world, seed=1):
         trajectory = oracle_trajectory(tok, episode)
         ids, mask = from_ndarray(trajectory.token_ids), from_ndarray(trajectory.loss_mask).astype(bool)
@@ -103,7 +106,7 @@ def _ids(batch) -> list[list[int]]:
 
 
 def test_oracle_stream_is_deterministic_and_switches_phase(small_world, small_tiny):
-    tok = oracle_tokenizer(small_tiny)
+    tok = EpisodeTokenizer.from_pretrained(small_tiny)
     kwargs = dict(seed=0, batch_size=3, vision_steps=2)
     a, b = OracleStream(small_world, tok, OracleConfig(), **kwargs), OracleStream(small_world, tok, OracleConfig(),
                                                                                   **kwargs)
@@ -124,7 +127,7 @@ def test_oracle_stream_is_deterministic_and_switches_phase(small_world, small_ti
 
 
 def test_oracle_stream_rejects_bad_settings(small_world, small_tiny):
-    tok = oracle_tokenizer(small_tiny)
+    tok = EpisodeTokenizer.from_pretrained(small_tiny)
     with pytest.raises(ValueError, match="batch_size"):
         OracleStream(small_world, tok, OracleConfig(), batch_size=0)
     with pytest.raises(ValueError, match="'nope' questions"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data.oracle import OracleConfig, oracle_episode
-from data.trajectories import oracle_tokenizer, oracle_trajectory
+from episode.oracle import oracle_trajectory
+from episode.tokenizer import EpisodeTokenizer
 from learner.packing import Collator
 from learner.sft import SftConfig, SftRank, lr_schedule, run_sft_local, sample_from_trajectory, save_hf_folder
 from learner.trainer import sft_loss
@@ -63,7 +64,7 @@ def test_one_rank_trains_saves_a_loadable_folder_and_the_loss_falls(sft_world, t
     assert all(r["loss_tokens"] > 0 and np.isfinite(r["loss"]) for r in rows)
     assert report["final_loss"] < report["first_loss"] - 1.0
     # The folder loads with no missing or unexpected weights, and scores fresh oracle samples better than the base.
-    tok = oracle_tokenizer(tmp_path / "warm")
+    tok = EpisodeTokenizer.from_pretrained(tmp_path / "warm")
     rng = np.random.default_rng(5)
     episodes = [oracle_episode(next(q for q in world.questions if q["kind"] == kind and q["split"] == "test"), world,
                                rng, OracleConfig()) for kind in KINDS]

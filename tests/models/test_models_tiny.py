@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from actors import prompts
+from episode import prompts
 from models.tiny import TinyModelConfig, build_tiny_model, mrope_section
 from protocol.images import decode_image
 

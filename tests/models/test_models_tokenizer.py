@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from jinja2.exceptions import TemplateError
 
-from actors import prompts
+from episode import prompts
 from models.tokenizer import MAX_VOCAB, SPECIAL_TOKENS, check_tokenizer, train_tokenizer
 
 
