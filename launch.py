@@ -7,7 +7,7 @@
     python launch.py --cfg job                                    # print the resolved config
 
 Reads like DESIGN.md's diagram: world + model (warm start on the learner ranks) -> tool servers -> learner ranks ->
-rollout actors -> metrics loop. The pieces live in cockpit/ (Ray placement, warm start, metrics sinks, progress,
+rollout actors -> metrics loop. The pieces live in launcher/ (Ray placement, warm start, metrics sinks, progress,
 eval/curate, plots).
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cockpit.cluster import RayCluster, SocketAlias
-from cockpit.metrics import MemorySampler, stream_metrics
-from cockpit.offline import RUN_MODEL_FILE
-from cockpit.roles import Roles
+from launcher.cluster import RayCluster, SocketAlias
+from launcher.metrics import MemorySampler, stream_metrics
+from launcher.offline import RUN_MODEL_FILE
+from launcher.roles import Roles
 
 log = logging.getLogger("forage.launch")
 MODES = ("async", "sync", "eval", "curate")
@@ -81,7 +81,7 @@ def run_offline(conf: dict, roles: Roles, model_path: Path, questions: Path, too
     """run.mode=eval: the policy (model or learner checkpoint) over the questions, a summary table;
     run.mode=curate: search-balance labels and a balanced subset of the questions."""
     from actors.eval import format_table
-    from cockpit.offline import curate_table, curate_task, eval_task
+    from launcher.offline import curate_table, curate_task, eval_task
 
     run, mode = conf["run"], conf["run"]["mode"]
     settings = run[mode]
@@ -177,8 +177,8 @@ def build_world_and_base_model(cfg: DictConfig) -> Any:
 def prepare_model(conf: dict, roles: Roles, world: Any, run_dir: Path) -> Path:
     """The model RL starts from: model.path, or the tiny model warm-started by the learner's SFT (model.sft) on the
     learner's placement (first time only: cached under run.cache_dir; its rows go to <run>/warm_start.jsonl)."""
-    from cockpit.sft import RaySftRunner
-    from cockpit.sinks import JsonlSink
+    from launcher.sft import RaySftRunner
+    from launcher.sinks import JsonlSink
     from models import ModelConfig, ensure_model, warm_start_cached
 
     model_cfg, cache = ModelConfig.from_dict(conf["model"]), conf["run"]["cache_dir"]
@@ -200,8 +200,8 @@ def prepare_model(conf: dict, roles: Roles, world: Any, run_dir: Path) -> Path:
 def run_sft(conf: dict, roles: Roles, world: Any, run_dir: Path) -> int:
     """algo=sft: the learner ranks fine-tune model.path (or the tiny model's base) on oracle episodes of the world;
     the result is <run>/model, a Hugging Face folder; metrics rows go to the run's sinks."""
-    from cockpit.sft import RaySftRunner
-    from cockpit.sinks import Sinks
+    from launcher.sft import RaySftRunner
+    from launcher.sinks import Sinks
     from models import ModelConfig, ensure_model
     from models.ensure import build_once, checkpoint_dtype
 

@@ -7,7 +7,7 @@ answers it correctly in k runs with search allowed and k runs without, then pick
 
 The subset keeps a `free_fraction` share of search_free questions (0.5 = 1:1, as in the paper) and as many
 questions as both labels allow, drawn with a seeded RNG. Pure logic plus the parquet writers; the runs themselves
-are played by cockpit/curate.py with actors' eval.
+are played by launcher/offline.py with actors' eval.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ folder that RL starts from (models/ensure.py caches it).
 
 Every rank draws the same batches from the same seed (no broadcast needed); the Trainer's plan gives each rank its
 share, so a step on R ranks equals a step on one process. `run_sft_local` spawns the ranks on this machine (tests,
-`python -m learner --sft`, models.ensure's default); launch.py places them with Ray (cockpit/sft.py).
+`python -m learner --sft`, models.ensure's default); launch.py places them with Ray (launcher/sft.py).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # Bump when the builder or warm start changes what they write for the same config.
 BUILD_VERSION = 3
 # (base model folder, world root, out folder, {"learner": ..., "sft": ...}, dtype) -> report; learner.sft's
-# run_sft_local by default, a Ray placement in launch.py (cockpit/sft.py).
+# run_sft_local by default, a Ray placement in launch.py (launcher/sft.py).
 SftRunner = Callable[[Path, Path, Path, dict, str], dict]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BUILD_INFO = "forage_build.json"

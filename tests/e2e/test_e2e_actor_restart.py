@@ -1,5 +1,5 @@
 """A rollout actor's process killed with SIGKILL mid-run (as the OOM killer or a segfault would end it): Ray restarts
-it, cockpit's supervisor starts and runs it again, its spool re-plays (and resends) what the dead process left, and
+it, the launcher's supervisor starts and runs it again, its spool re-plays (and resends) what the dead process left, and
 the run reaches max_steps with nothing lost and nothing left behind.
 
 One actor and max_staleness 0: after step 1 the learner grants exactly the two groups of step 2, and the actor is
@@ -97,7 +97,7 @@ def test_a_killed_rollout_actor_is_restarted_and_the_run_loses_nothing(tmp_path)
     run.wait()
     print(f"actor-restart launch: {run.seconds:.0f}s (step 2 granted at {granted_s:.0f}s, killed then; its engine "
           f"processes gone {engines_gone_s:.0f}s later)")
-    print("\n".join(line for line in run.output.splitlines() if "actor0: " in line and "cockpit.roles" in line))
+    print("\n".join(line for line in run.output.splitlines() if "actor0: " in line and "launcher.roles" in line))
 
     assert run.proc.returncode == 0, run.output[-8000:]
     rows = run.rows()

@@ -187,7 +187,7 @@ def test_scaled_async_run_places_every_role_and_writes_every_sink(scaled_run):
 @pytest.mark.timeout(1200)  # may be the test that starts the scaled launch
 def test_plots_command_writes_a_png_per_metric_family(scaled_run, tmp_path):
     assert scaled_run.proc.returncode == 0
-    done = subprocess.run([sys.executable, "-m", "cockpit.plots", str(scaled_run.out), "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "launcher.plots", str(scaled_run.out), "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in tmp_path.glob("*.png"))

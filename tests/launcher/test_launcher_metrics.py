@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cockpit.metrics import summarize_actors, summarize_tools, with_throughput
-from cockpit.plots import PlotError, plot_run, read_rows
-from cockpit.progress import ProgressDisplay, status_text
-from cockpit.sinks import Sinks, TensorBoardSink
+from launcher.metrics import summarize_actors, summarize_tools, with_throughput
+from launcher.plots import PlotError, plot_run, read_rows
+from launcher.progress import ProgressDisplay, status_text
+from launcher.sinks import Sinks, TensorBoardSink
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,13 +149,13 @@ def test_plots_refuse_a_folder_without_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(PlotError, match=r"metrics.jsonl:2: not JSON"):
         read_rows(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "cockpit.plots", str(tmp_path / "missing")], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "launcher.plots", str(tmp_path / "missing")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "does not exist" in done.stderr
 
 
 def test_wandb_only_when_installed_and_configured(tmp_path, monkeypatch, caplog):
-    from cockpit.sinks import WandbSink
+    from launcher.sinks import WandbSink
 
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     assert WandbSink.maybe({"project": None}, tmp_path, {}) is None  # not configured: silently off

@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cockpit.cluster import RayCluster, SocketAlias
-from cockpit.metrics import summarize_actors
-from cockpit.roles import ActorFailed, Roles
+from launcher.cluster import RayCluster, SocketAlias
+from launcher.metrics import summarize_actors
+from launcher.roles import ActorFailed, Roles
 
 
 class StandInActor:
@@ -77,7 +77,7 @@ def make_roles(folders: list[Path], max_restarts: int) -> Roles:
     """Roles with stand-in actors created exactly as start_actors creates rollout actors (restart options)."""
     import ray
 
-    from cockpit.cluster import where_am_i
+    from launcher.cluster import where_am_i
 
     roles = Roles({"run": {"placement_timeout_s": 60, "actor_max_restarts": max_restarts}})
     remote = ray.remote(StandInActor).options(num_cpus=0, **roles.actor_restart_options())

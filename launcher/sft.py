@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from cockpit.progress import ProgressDisplay
-from cockpit.roles import Roles
+from launcher.progress import ProgressDisplay
+from launcher.roles import Roles
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Fixtures for the cockpit's tests: a tiny random model folder built once per session (~5 s)."""
+"""Fixtures for the launcher's tests: a tiny random model folder built once per session (~5 s)."""
 from __future__ import annotations
 
 from pathlib import Path

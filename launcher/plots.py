@@ -1,6 +1,6 @@
 """PNG plots of a run folder's metrics.jsonl (and its eval summary, when there is one).
 
-    python -m cockpit.plots RUN_DIR [--out DIR]        # default DIR = RUN_DIR/plots
+    python -m launcher.plots RUN_DIR [--out DIR]        # default DIR = RUN_DIR/plots
 
 One figure per question: reward, accuracy, search ratio (overall and per search label), staleness, rollout
 throughput (tokens/s, groups/s), tool latency percentiles (server and client side), learner idle fraction; plus
@@ -192,7 +192,7 @@ def plot_eval(summary_path: Path, out: Path, plt: Any) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cockpit.plots", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m launcher.plots", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/plots)")

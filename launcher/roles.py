@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from cockpit.cluster import Placement, advertised, bundle, where_am_i
-from cockpit.metrics import ACTOR_COUNTERS
+from launcher.cluster import Placement, advertised, bundle, where_am_i
+from launcher.metrics import ACTOR_COUNTERS
 from protocol.sockets import free_port
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cockpit.offline import curate, curate_table, export_checkpoint, resolve_eval_checkpoint, without_search
+from launcher.offline import curate, curate_table, export_checkpoint, resolve_eval_checkpoint, without_search
 from testkit import solid_png
 
 
@@ -125,7 +125,7 @@ def test_curate_labels_from_runs_with_and_without_search(tiny_model_dir, tmp_pat
 
 
 def test_a_checkpoint_is_exported_onto_the_model_its_run_trained_from(tiny_model_dir, tmp_path):
-    from cockpit.offline import RUN_MODEL_FILE, base_model_of
+    from launcher.offline import RUN_MODEL_FILE, base_model_of
 
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     step.mkdir(parents=True)

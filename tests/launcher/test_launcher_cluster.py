@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import launch
-from cockpit.cluster import SocketAlias, advertised, bundle, is_loopback_address
-from cockpit.roles import _resource_options, tool_token
+from launcher.cluster import SocketAlias, advertised, bundle, is_loopback_address
+from launcher.roles import _resource_options, tool_token
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 

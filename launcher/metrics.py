@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from cockpit.progress import ProgressDisplay
-from cockpit.sinks import Sinks
+from launcher.progress import ProgressDisplay
+from launcher.sinks import Sinks
 
 log = logging.getLogger(__name__)
 
 PERCENTILES = ("p50", "p90", "p99")
-# Per-actor counters summed over actors (as actor_<name>); cockpit carries a dead process's last values over to its
-# restarted successor, so the totals never go down (cockpit.roles.Roles.actor_metrics).
+# Per-actor counters summed over actors (as actor_<name>); launcher carries a dead process's last values over to its
+# restarted successor, so the totals never go down (launcher.roles.Roles.actor_metrics).
 ACTOR_COUNTERS = ("weight_updates", "weight_errors", "episodes", "tool_errors", "groups_played", "tokens_generated",
                   "engine_restarts", "group_failures", "admissions_denied", "spool_resent", "spool_replayed")
 
