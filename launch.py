@@ -12,7 +12,6 @@ eval/curate, plots).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -156,7 +155,7 @@ def build_world_and_base_model(cfg: DictConfig) -> Any:
     """The synthetic world (corpora + questions) and, for the tiny model, its base weights (before any warm start),
     both cached under run.cache_dir; a given model.path is checked."""
     from data import WorldConfig, ensure_world
-    from models import ModelConfig, ensure_model
+    from models import ModelConfig, ensure_base_model
 
     cache = Path(cfg.run.cache_dir)
     world_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -169,7 +168,7 @@ def build_world_and_base_model(cfg: DictConfig) -> Any:
     log.info("world ready in %.1fs: %s", time.monotonic() - started, world.root)
     started = time.monotonic()
     model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    base = ensure_model(dataclasses.replace(model_cfg, warm_start=False), world, cache)
+    base = ensure_base_model(model_cfg, world, cache)
     log.info("base model ready in %.1fs: %s", time.monotonic() - started, base)
     return world
 
@@ -177,15 +176,15 @@ def build_world_and_base_model(cfg: DictConfig) -> Any:
 def prepare_model(conf: dict, roles: Roles, world: Any, run_dir: Path) -> Path:
     """The model RL starts from: model.path, or the tiny model warm-started by the learner's SFT (model.sft) on the
     learner's placement (first time only: cached under run.cache_dir; its rows go to <run>/warm_start.jsonl)."""
-    from launcher.sft import RaySftRunner
     from launcher.sinks import JsonlSink
-    from models import ModelConfig, ensure_model, warm_start_cached
+    from launcher.warm_start import RaySftRunner, ensure_model, sft_config, warm_start_cached
+    from models import ModelConfig
 
     model_cfg, cache = ModelConfig.from_dict(conf["model"]), conf["run"]["cache_dir"]
     if warm_start_cached(model_cfg, world, cache):
         return ensure_model(model_cfg, world, cache)
     log.info("warm start of the tiny model: %d SFT steps on the learner ranks (first time only; cached after)",
-             model_cfg.sft_config().steps)
+             sft_config(model_cfg).steps)
     started = time.monotonic()
     sink = JsonlSink(run_dir / "warm_start.jsonl")
     try:
@@ -200,13 +199,13 @@ def prepare_model(conf: dict, roles: Roles, world: Any, run_dir: Path) -> Path:
 def run_sft(conf: dict, roles: Roles, world: Any, run_dir: Path) -> int:
     """algo=sft: the learner ranks fine-tune model.path (or the tiny model's base) on oracle episodes of the world;
     the result is <run>/model, a Hugging Face folder; metrics rows go to the run's sinks."""
-    from launcher.sft import RaySftRunner
     from launcher.sinks import Sinks
-    from models import ModelConfig, ensure_model
+    from launcher.warm_start import RaySftRunner
+    from models import ModelConfig, ensure_base_model
     from models.ensure import build_once, checkpoint_dtype
 
     model_cfg = ModelConfig.from_dict(conf["model"])
-    base = ensure_model(dataclasses.replace(model_cfg, warm_start=False), world, conf["run"]["cache_dir"])
+    base = ensure_base_model(model_cfg, world, conf["run"]["cache_dir"])
     dtype = checkpoint_dtype(base) if model_cfg.path else model_cfg.dtype
     out = run_dir / "model"
     if out.exists():

@@ -51,8 +51,9 @@ def main() -> int:
     from episode import prompts
     from protocol.images import decode_image
     from data.world import KINDS, WorldConfig, ensure_world, load_world
-    from models.ensure import ModelConfig, ensure_model
-    from models.warmstart import TURN_RE
+    from episode.turns import ORACLE_TURN_RE
+    from launcher.warm_start import ensure_model
+    from models.ensure import ModelConfig
 
     torch.set_num_threads(1)
     world_paths = ensure_world(WorldConfig(), cache)
@@ -90,7 +91,7 @@ def main() -> int:
         with torch.no_grad():
             hf_ids = hf_model.generate(**enc, max_new_tokens=48, do_sample=False, eos_token_id=stop_ids)
         hf_text = processor.tokenizer.decode(hf_ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        formatted += TURN_RE.match(vllm_text.strip()) is not None
+        formatted += ORACLE_TURN_RE.match(vllm_text.strip()) is not None
         matched += hf_text.strip() == vllm_text.strip()
         print(f"[{row['kind']}] {row['question']} -> {vllm_text!r}" + ("" if hf_text.strip() == vllm_text.strip()
                                                                       else f"  (transformers: {hf_text!r})"))

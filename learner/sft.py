@@ -2,11 +2,11 @@
 as the very trajectories an actor would record (data/trajectories.py tokenises them piece by piece with the actors'
 episode tokenizer, images expanded as the engine expands them; the learner never imports actors/), trained by the
 learner's own Trainer on the negative log-likelihood of the generated tokens; rank 0 then writes a Hugging Face
-folder that RL starts from (models/ensure.py caches it).
+folder that RL starts from (the launcher caches it: launcher/warm_start.py).
 
 Every rank draws the same batches from the same seed (no broadcast needed); the Trainer's plan gives each rank its
 share, so a step on R ranks equals a step on one process. `run_sft_local` spawns the ranks on this machine (tests,
-`python -m learner --sft`, models.ensure's default); launch.py places them with Ray (launcher/sft.py).
+`python -m learner --sft`, the launcher's default runner); launch.py places them with Ray (launcher/warm_start.py).
 """
 from __future__ import annotations
 

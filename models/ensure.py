@@ -1,6 +1,7 @@
-"""Resolves the `model` config to a local HF folder: a given checkpoint path (validated), or the tiny model built
-for the world and warm-started by the learner's SFT (learner/sft.py, settings in model.sft = conf/algo/sft.yaml),
-each cached by hash under the cache root and written atomically.
+"""Resolves the `model` config to a local HF folder before any training: a given checkpoint path (validated), or the
+tiny model built for the world (its base weights, before the warm start), cached by hash under the cache root and
+written atomically. The warm start on top of it is the learner's SFT, orchestrated by the launcher
+(launcher/warm_start.py), which caches its result beside the base with `build_once` and `cache_key`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -27,9 +28,6 @@ log = logging.getLogger(__name__)
 
 # Bump when the builder or warm start changes what they write for the same config.
 BUILD_VERSION = 3
-# (base model folder, world root, out folder, {"learner": ..., "sft": ...}, dtype) -> report; learner.sft's
-# run_sft_local by default, a Ray placement in launch.py (launcher/sft.py).
-SftRunner = Callable[[Path, Path, Path, dict, str], dict]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BUILD_INFO = "forage_build.json"
 
@@ -43,7 +41,7 @@ class ModelConfig:
     warm_start_ranks: Optional[int] = 1  # learner ranks of that warm start; None = learner.world_size
     dtype: str = "float32"  # dtype of the saved weights: float32 | bfloat16 (vLLM on CPU takes both)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    sft: dict = field(default_factory=dict)  # learner.sft.SftConfig fields (conf/algo/sft.yaml); {} = its defaults
+    sft: dict = field(default_factory=dict)  # the warm start's SftConfig fields (conf/algo/sft.yaml); {} = defaults
 
     @classmethod
     def from_dict(cls, values: Mapping) -> ModelConfig:
@@ -63,16 +61,10 @@ class ModelConfig:
         if self.warm_start_ranks is not None and self.warm_start_ranks < 1:
             raise ValueError(f"model.warm_start_ranks={self.warm_start_ranks}; need >= 1 or null")
         self.tiny.validate()
-        self.sft_config()
-
-    def sft_config(self) -> Any:
-        """model.sft as a validated learner.sft.SftConfig."""
-        from learner.sft import SftConfig
-
-        return SftConfig.from_dict(self.sft)
 
 
-def _hash(payload: dict) -> str:
+def cache_key(payload: dict) -> str:
+    """The short hash that names a cache folder built from `payload`."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -116,54 +108,23 @@ def build_once(target: Path, build: Callable[[Path], dict]) -> Path:
     return target
 
 
-def ensure_model(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Path | str,
-                 learner: Optional[Mapping[str, Any]] = None, runner: Optional[SftRunner] = None) -> Path:
-    """A local model folder for `model_cfg`: `path` validated as is, or the (warm-started) tiny model, cached.
-
-    The warm start is the learner's SFT (`model.sft`) with the `learner` settings (backend, precision, budget) on
-    `model.warm_start_ranks` ranks (None: `learner["world_size"]`), run by `runner` (default:
-    learner.sft.run_sft_local, ranks spawned on this machine)."""
+def ensure_base_model(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Path | str) -> Path:
+    """A local model folder for `model_cfg` before any warm start: `path` validated as is, or the tiny model built
+    for the world, cached under `cache_root/tiny-<base_key>`."""
     if model_cfg.path:
         return check_model_path(model_cfg.path)
     model_cfg.validate()
-    cache_root = Path(cache_root)
     world_hash = world_paths.config_hash()
-    base_key, warm_key = _cache_keys(model_cfg, world_paths)
     dtype = DTYPES[model_cfg.dtype]
 
     def build_base(out: Path) -> dict:
         build_world_model(model_cfg.tiny, world_paths, out, dtype=dtype)
         return {"kind": "tiny", "tiny": dataclasses.asdict(model_cfg.tiny), "world": world_hash}
 
-    base = build_once(cache_root / f"tiny-{base_key}", build_base)
-    if not model_cfg.warm_start:
-        return base
-    sft = dataclasses.asdict(model_cfg.sft_config())
-    learner_cfg = dict(learner or {})
-    learner_cfg["world_size"] = model_cfg.warm_start_ranks or int(learner_cfg.get("world_size", 1))
-
-    def build_warm(out: Path) -> dict:
-        run = runner
-        if run is None:
-            from learner.sft import run_sft_local as run
-        report = run(base, world_paths.root, out, {"learner": learner_cfg, "sft": sft}, model_cfg.dtype)
-        log.info("warm start done: %s", {k: v for k, v in report.items() if k != "files"})
-        return {"kind": "tiny-warm", "base": base.name, "sft": sft, "report": report}
-
-    return build_once(cache_root / f"tiny-{base_key}-warm-{warm_key}", build_warm)
+    return build_once(Path(cache_root) / f"tiny-{base_key(model_cfg, world_paths)}", build_base)
 
 
-def _cache_keys(model_cfg: ModelConfig, world_paths: WorldPaths) -> tuple[str, str]:
-    """(base model key, warm-start key) of the cache folders `tiny-<base>` and `tiny-<base>-warm-<warm>`."""
-    base_key = _hash({"version": BUILD_VERSION, "tiny": dataclasses.asdict(model_cfg.tiny),
+def base_key(model_cfg: ModelConfig, world_paths: WorldPaths) -> str:
+    """The key of the tiny base model's cache folder `tiny-<key>`."""
+    return cache_key({"version": BUILD_VERSION, "tiny": dataclasses.asdict(model_cfg.tiny),
                       "world": world_paths.config_hash(), "dtype": model_cfg.dtype})
-    warm_key = _hash({"version": BUILD_VERSION, "base": base_key, "sft": dataclasses.asdict(model_cfg.sft_config())})
-    return base_key, warm_key
-
-
-def warm_start_cached(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Path | str) -> bool:
-    """Whether `ensure_model` would return without training (a given path, no warm start, or a cached one)."""
-    if model_cfg.path or not model_cfg.warm_start:
-        return True
-    base_key, warm_key = _cache_keys(model_cfg, world_paths)
-    return (Path(cache_root) / f"tiny-{base_key}-warm-{warm_key}" / BUILD_INFO).exists()

@@ -72,7 +72,7 @@ def teach_episode_format(model_dir: Path, steps: int = 300, lr: float = 3e-3, se
     """Short SFT of the model in `model_dir` on scripted episodes (assistant tokens only); saved in place."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from models.warmstart import encode_messages, sft_loss
+    from warmstart_reference import encode_messages, sft_loss
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

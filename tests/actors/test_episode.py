@@ -1,4 +1,5 @@
-"""Turn parsing, the episode's token pieces, and the episode loop against a scripted engine and fake tools."""
+"""The episode's token pieces and the episode loop against a scripted engine and fake tools (turn parsing itself:
+tests/episode/test_episode_turns.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,6 @@ from episode import prompts
 from actors.config import EpisodeConfig, SamplingConfig
 from actors.engine import EngineError, EngineHung
 from actors.episode import Question, first_prompt_length, run_episode
-from episode.turns import parse_turn
 from actors.reward import compute_reward
 from actors_helpers import FakeTools, ScriptedEngine, solid_image
 from protocol import TrajectoryGroup, decode, encode, from_ndarray
@@ -19,36 +19,6 @@ from protocol.sockets import free_port
 from protocol.images import encode_png
 
 SAMPLING = SamplingConfig()
-
-
-# ---------------------------------------------------------------- parsing
-
-@pytest.mark.parametrize("text, kind, query, answer, error", [
-    ("<reason> r </reason><answer> Paris </answer>", "answer", "", " Paris ", ""),
-    ("<reason> r </reason><search><img></search>", "image_search", "", None, ""),
-    ("<reason> r </reason><search> <img> </search>\n", "image_search", "", None, ""),
-    ("<reason> r </reason><text_search> capital of x </text_search>", "text_search", "capital of x", None, ""),
-    ("<reason> r </reason><search>a dog</search>", "invalid_call", "", None, "bad_image_call"),
-    ("<reason> r </reason></search>", "invalid_call", "", None, "orphan_close"),
-    ("<reason> r </reason><text_search>   </text_search>", "invalid_call", "", None, "empty_query"),
-    ("<reason> r </reason><text_search></text_search>", "invalid_call", "", None, "empty_query"),
-    ("<reason> r </reason></text_search>", "invalid_call", "", None, "orphan_close"),
-    ("<reason> r </reason></answer>", "invalid_call", "", None, "orphan_close"),
-    # nested or foreign tags inside a call
-    ("<search><search><img></search>", "invalid_call", "", None, "nested_tags"),
-    ("<search><img><answer> x </search>", "invalid_call", "", None, "nested_tags"),
-    ("<text_search> a <text_search> b </text_search>", "invalid_call", "", None, "nested_tags"),
-    ("<text_search> a <reason> b </reason> c </text_search>", "invalid_call", "", None, "nested_tags"),
-    ("<answer> <answer> paris </answer>", "invalid_call", "", None, "nested_tags"),
-    ("<answer> <search><img></search> paris </answer>", "invalid_call", "", None, "nested_tags"),
-    ("<reason> r </reason><answer> London </answer> no, <answer> Paris </answer>", "answer", "", " Paris ", ""),
-    ("<reason> r </reason> the answer is paris<|im_end|>", "none", "", None, ""),
-    ("<reason> r </reason><answer> Paris", "none", "", None, ""),  # never closed (cut by a length limit)
-    ("", "none", "", None, ""),
-])
-def test_parse_turn(text, kind, query, answer, error):
-    action = parse_turn(text)
-    assert (action.kind, action.query, action.answer, action.error) == (kind, query, answer, error)
 
 
 # ---------------------------------------------------------------- token pieces

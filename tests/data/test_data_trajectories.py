@@ -16,7 +16,7 @@ from data.oracle import OracleConfig, oracle_episode
 from data.trajectories import OracleStream
 from episode.oracle import oracle_trajectory
 from episode.tokenizer import expand_placeholders
-from models.warmstart import encode_episode
+from warmstart_reference import encode_episode
 from protocol import ToolItem, ToolReply, from_ndarray
 
 KINDS = ("pixels", "image_search", "image_text_search", "text_search")

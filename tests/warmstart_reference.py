@@ -1,12 +1,11 @@
-"""Oracle episodes rendered with the processor's whole chat template (`encode_episode`: an independent rendering the
-tests compare learner/sft.py's piecewise, actor-exact tokenisation against), and a greedy multi-turn evaluation of
-a warm-started model with simulated tools (`evaluate_warmstart`). The warm start itself is the learner's SFT
-(learner/sft.py, `algo=sft`).
+"""Test-only references for the warm start: oracle episodes rendered with the processor's whole chat template
+(`encode_episode`: an independent rendering the tests compare the piecewise, actor-exact tokenisation of
+episode/oracle.py against), and a greedy multi-turn evaluation of a warm-started model with simulated tools
+(`evaluate_warmstart`, also handy in probes). The warm start itself is the learner's SFT (learner/sft.py).
 """
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from episode import prompts
 from data.oracle import OracleConfig, image_hits, text_hits
-from episode.oracle import OracleEpisode, SearchHit, episode_messages
 from data.world import KINDS, World, WorldPaths, load_world
+from episode import prompts
+from episode.answers import answer_matches, normalize_answer
+from episode.oracle import OracleEpisode, SearchHit, episode_messages
+from episode.turns import ORACLE_TURN_RE
 from models.tokenizer import IM_END, IM_START
 from protocol.images import decode_image
 
@@ -105,24 +106,10 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: greedy multi-turn episodes with simulated tools.
 
-TURN_RE = re.compile(
-    r"^<reason>[^<]+</reason>(?:(?P<image><search><img></search>)|<text_search>(?P<query>[^<]+)</text_search>"
-    r"|<answer>(?P<answer>[^<]+)</answer>)$")
-
-
-def normalise_answer(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
-
-
-def is_correct(prediction: str, answer: str, aliases: list[str]) -> bool:
-    """Exact match after lower-casing, dropping punctuation and squeezing spaces, against answer or an alias."""
-    return normalise_answer(prediction) in {normalise_answer(a) for a in [answer, *aliases]}
-
-
 def _simulated_text_search(world: World, query: str, cfg: OracleConfig,
                            rng: np.random.Generator) -> tuple[SearchHit, ...]:
     """The page of the first world name in `query` (+ distractors), or nothing when the query names no entity."""
-    words = normalise_answer(query).split()
+    words = normalize_answer(query).split()
     named = next((world.entities[w] for w in words if w in world.entities), None)
     if named is None:
         return ()
@@ -166,7 +153,7 @@ def evaluate_warmstart(model_dir: Path | str, world_paths: WorldPaths, split: st
                                      pad_token_id=tok.pad_token_id)
             turn = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
             messages.append({"role": "assistant", "content": [{"type": "text", "text": turn}]})
-            match = TURN_RE.match(turn)
+            match = ORACLE_TURN_RE.match(turn)
             if match is None:
                 well_formed = False
                 break
@@ -181,7 +168,7 @@ def evaluate_warmstart(model_dir: Path | str, world_paths: WorldPaths, split: st
             messages.append(prompts.information_message([(h.title, h.text, h.image is not None) for h in hits]))
             images.extend(h.image for h in hits if h.image is not None)
         results.append({"kind": row["kind"], "format": well_formed and prediction is not None,
-                        "correct": prediction is not None and is_correct(prediction, row["answer"], row["aliases"]),
+                        "correct": prediction is not None and answer_matches(prediction, row["answer"], row["aliases"]),
                         "searches": searches})
     report: dict = {"questions": len(results), "seconds": time.monotonic() - start}
     for name, subset in [("all", results), *[(k, [r for r in results if r["kind"] == k]) for k in KINDS]]:
