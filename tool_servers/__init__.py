@@ -1,16 +1,6 @@
 """Standalone search services for forage's tools (image_search, text_search) over ZeroMQ + msgpack.
 
-Imports only `protocol/` of forage; runs alone with `python -m tool_servers serve ...`. The HTTP/MCP gateway
-lives in `tool_servers.gateway` (imported on demand: it pulls in aiohttp and the mcp SDK).
+Imports only `protocol/` of forage; runs alone with `python -m tool_servers serve ...`. Imports nothing on import, so
+that a client (actors: `tool_servers.client`, `tool_servers.errors`, `tool_servers.discovery` — the client library)
+does not load the servers, their backends or the HTTP/MCP gateway (`tool_servers.gateway`, aiohttp + the mcp SDK).
 """
-from tool_servers.backends import Backend, build_backend
-from tool_servers.cache import CacheConfig, ResultCache
-from tool_servers.client import SyncToolClient, ToolClient
-from tool_servers.errors import ToolCallError
-from tool_servers.limits import ServerLimits
-from tool_servers.server import ToolServer, ToolServerRole
-
-__all__ = [
-    "Backend", "CacheConfig", "ResultCache", "ServerLimits", "SyncToolClient", "ToolCallError", "ToolClient",
-    "ToolServer", "ToolServerRole", "build_backend",
-]

@@ -7,7 +7,9 @@ import contextlib
 import pytest
 
 from protocol import ToolItem
-from tool_servers import ToolCallError, ToolClient, ToolServer, ToolServerRole
+from tool_servers.client import ToolClient
+from tool_servers.errors import ToolCallError
+from tool_servers.server import ToolServer, ToolServerRole
 from tool_servers.cache import CacheConfig, ResultCache, cache_key, normalise_query
 from tool_servers.server import cache_namespace
 from ts_helpers import FakeBackend, draw_entity, run

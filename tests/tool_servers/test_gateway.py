@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tool_servers import ToolServer
+from tool_servers.server import ToolServer
 from tool_servers.backends.local_image import LocalImageSearch
 from tool_servers.backends.local_text import LocalTextSearch
 from tool_servers.gateway import ToolGateway, start_gateway, wire_args

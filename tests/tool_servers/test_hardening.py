@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from protocol import ToolOutbound, ToolRequest, decode, encode
-from tool_servers import ServerLimits, ToolClient
+from tool_servers.client import ToolClient
+from tool_servers.limits import ServerLimits
 from tool_servers.backends.local_image import LocalImageSearch
 from tool_servers.backends.local_text import LocalTextSearch
 from ts_helpers import code_of, draw_entity, exchange, raw_peer, request, run, serving

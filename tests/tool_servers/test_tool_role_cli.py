@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tool_servers import SyncToolClient, ToolCallError, ToolServerRole
+from tool_servers.client import SyncToolClient
+from tool_servers.errors import ToolCallError
+from tool_servers.server import ToolServerRole
 from tool_servers.discovery import read_discovery
 from ts_helpers import draw_entity, perturb
 from protocol.images import encode_png

@@ -9,7 +9,9 @@ import time
 import pytest
 from PIL import Image
 
-from tool_servers import ToolCallError, ToolClient, ToolServer
+from tool_servers.client import ToolClient
+from tool_servers.errors import ToolCallError
+from tool_servers.server import ToolServer
 from tool_servers.backends.web import HttpClient, HttpLimits, TokenBucket, WebImageSearch, WebTextSearch
 from fake_web import API_KEY, FakeWeb
 from ts_helpers import run

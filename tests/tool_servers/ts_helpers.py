@@ -13,7 +13,8 @@ import zmq.asyncio
 from PIL import Image, ImageDraw
 
 from protocol import ErrorReply, ToolItem, ToolOutbound, ToolRequest, decode, encode
-from tool_servers import ToolClient, ToolServer
+from tool_servers.client import ToolClient
+from tool_servers.server import ToolServer
 
 COLOURS = [(220, 40, 40), (40, 160, 60), (40, 70, 220), (230, 200, 30), (160, 50, 200), (30, 190, 200)]
 SHAPES = ["circle", "square", "triangle", "cross"]
