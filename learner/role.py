@@ -38,8 +38,8 @@ from learner.config import AlgoConfig, LearnerConfig
 from learner.journal import GroupJournal
 from learner.service import TrajectoryService
 from learner.trainer import BatchError, Trainer
-from learner.weights import WeightPublisher, ZmqWeightPublisher, gather_full_state_dict, make_publisher, \
-    to_checkpoint_names
+from learner.weight_transport import WeightPublisher
+from learner.weights import ZmqWeightPublisher, gather_full_state_dict, make_publisher, to_checkpoint_names
 from protocol import TrajectoryGroup
 from protocol.metrics import Metrics
 from protocol.sockets import is_loopback_endpoint

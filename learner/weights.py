@@ -1,5 +1,6 @@
 """Weights out of the learner: gather the FSDP2 shards on rank 0, rename to HF checkpoint naming, and publish each
-version through a swappable transport behind one interface (`WeightPublisher.publish(version, state)`, `close()`):
+version through a swappable transport behind one interface (learner/weight_transport.py: `WeightPublisher.publish(
+version, state)`, `close()`):
 
     zmq   (default) versioned `WeightBucket`s served on rank 0's weights ROUTER; tensors larger than a bucket travel
           as row chunks (`NamedArray.row_offset/total_rows`), so no single message exceeds the bucket size
@@ -22,12 +23,15 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Protocol
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from learner.router import RouterThread
+from learner.weight_transport import (
+    TORCH_DTYPES, QueryHook, WeightEndpoint, WeightPublisher, cast_for_publish,
+)
 from protocol import (
     ErrorReply,
     NamedArray,
@@ -47,17 +51,8 @@ from protocol.weights import FsManifest, write_fs_manifest
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Room for msgpack framing and names around a bucket's raw bytes when checking it fits in one frame.
 FRAME_OVERHEAD_BYTES = 1 << 20
-
-
-class WeightPublisher(Protocol):
-    """Makes a version's full state dict (checkpoint naming, CPU tensors) available to the engines."""
-
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------ gather and rename
@@ -76,14 +71,6 @@ def to_checkpoint_names(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     kept = {name: tensor for name, tensor in state_dict.items() if name not in tied}
     return dict(revert_weight_conversion(model, kept))
-
-
-def cast_for_publish(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
-    """A contiguous CPU copy; floating tensors in the publish dtype, others unchanged."""
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point():
-        tensor = tensor.to(TORCH_DTYPES[dtype])
-    return tensor.contiguous()
 
 
 # ------------------------------------------------------------------------------------------------------ buckets
@@ -132,10 +119,6 @@ def make_buckets(version: int, state_dict: Mapping[str, torch.Tensor], bucket_by
 
 
 # --------------------------------------------------------------------------------------- the weights endpoint
-
-# Answers a query itself (e.g. nccl's per-actor announcement) or returns None to fall back to the posted frames.
-QueryHook = Callable[[WeightQuery], Optional[list[bytes]]]
-
 
 class ZmqWeightPublisher:
     """Rank 0's weights ROUTER and the zmq transport: answers `WeightQuery(have_version)` with the frames posted for
@@ -223,7 +206,7 @@ class FsWeightPublisher:
     `WeightAnnounce(transport="fs", location=directory)` on the weights endpoint when one is given."""
 
     def __init__(self, directory: str | os.PathLike, bucket_mb: float = 64.0, dtype: str = "float32", keep: int = 2,
-                 endpoint: Optional[ZmqWeightPublisher] = None, metrics: Optional[Metrics] = None) -> None:
+                 endpoint: Optional[WeightEndpoint] = None, metrics: Optional[Metrics] = None) -> None:
         if dtype not in TORCH_DTYPES or keep < 1:
             raise ValueError(f"need dtype in {sorted(TORCH_DTYPES)} and keep >= 1; got {dtype!r}, {keep}")
         self.directory = Path(directory).resolve()

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
-from learner.weights import ZmqWeightPublisher, cast_for_publish
+from learner.weight_transport import WeightEndpoint, cast_for_publish
 from protocol import ErrorReply, WeightAnnounce, WeightNone, WeightQuery, encode
 from protocol.sockets import free_port
 
@@ -76,7 +76,7 @@ def update_info(state: Mapping[str, torch.Tensor]) -> dict[str, list]:
 class NcclWeightPublisher:
     """`publish` hands a version to the sender thread and returns; the thread broadcasts it (see module doc)."""
 
-    def __init__(self, endpoint: ZmqWeightPublisher, master_address: str, master_port: int, engine_ranks: int,
+    def __init__(self, endpoint: WeightEndpoint, master_address: str, master_port: int, engine_ranks: int,
                  ranks_per_engine: int = 1, bucket_bytes: int = 1 << 30, dtype: str = "bfloat16",
                  device: Optional[torch.device] = None, open_group: OpenGroup = vllm_open_group,
                  send: Send = vllm_packed_send, num_buffers: int = DEFAULT_NUM_BUFFERS) -> None:
