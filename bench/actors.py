@@ -26,7 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # This file's folder must not be on the path: bench/actors.py would shadow the `actors` package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "actors")]  # forage, the tiny-model builders of its tests
+# forage, and the tiny-model builders of its tests (tests/ for the helpers they import)
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "actors")]
 
 log = logging.getLogger("bench.actors")
 

@@ -1,5 +1,6 @@
 """The Ray side of a run: a private loopback cluster (temp dir and auth token in the run folder) or an existing one
-(`run.ray_address=auto|HOST:PORT`), placement groups per role, and where each role landed.
+(`run.ray_address=auto|HOST:PORT`), and the environment every process of the run inherits (offline hubs, caches and
+temp files inside our folders, the import path). Where each role runs: launcher/placement.py.
 """
 from __future__ import annotations
 
@@ -23,6 +24,27 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def configure_process_env(run: Mapping[str, Any], run_dir: Path) -> None:
+    """Environment inherited by every process we start: offline hubs, caches and temp files inside our folders.
+    `run` is conf/run; `run_dir` is the socket-safe alias of the run folder: vLLM puts IPC sockets in $TMPDIR."""
+    cache = Path(run["cache_dir"]).resolve()
+    tmp = run_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    os.environ.update({
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1",
+        "HF_HOME": str(cache / "hf"), "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+        "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+        "FORAGE_LOG_LEVEL": str(run["log_level"]),
+    })
+    if str(run["bind_host"]) not in ("127.0.0.1", "localhost"):
+        os.environ.pop("VLLM_HOST_IP")  # a multi-host run: each engine's node address, not loopback
+    # Our packages must be importable in Ray workers and vLLM's worker processes wherever they start.
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def is_loopback_address(address: str) -> bool:
@@ -95,82 +117,3 @@ class RayCluster:
         if self._ray.is_initialized():
             self._ray.shutdown()
 
-
-# ---------------------------------------------------------------------------------------------- placement
-
-def bundle(role: Mapping[str, Any]) -> dict[str, float]:
-    """One Ray resource bundle from a conf/run placement entry ({num_cpus, num_gpus, resources})."""
-    out = {"CPU": float(role.get("num_cpus", 1))}
-    if float(role.get("num_gpus") or 0) > 0:
-        out["GPU"] = float(role["num_gpus"])
-    for name, amount in dict(role.get("resources") or {}).items():
-        if float(amount) > 0:
-            out[str(name)] = float(amount)
-    return {k: v for k, v in out.items() if v > 0}
-
-
-class Placement:
-    """Placement groups this run created (removed by `remove()`), and the options that pin a role to a bundle."""
-
-    def __init__(self, ready_timeout_s: float = 120.0) -> None:
-        import ray
-
-        self._ray = ray
-        self._groups: list[Any] = []
-        self._timeout = ready_timeout_s
-
-    def group(self, name: str, bundles: list[dict[str, float]], strategy: str) -> Any:
-        """A placement group of `bundles` (PACK: as few nodes as possible, SPREAD: as many); waits until placed."""
-        from ray.util.placement_group import placement_group
-
-        group = placement_group(bundles, strategy=strategy, name=f"forage-{name}-{secrets.token_hex(3)}")
-        self._groups.append(group)
-        try:
-            self._ray.get(group.ready(), timeout=self._timeout)
-        except self._ray.exceptions.GetTimeoutError as exc:
-            raise RuntimeError(
-                f"cannot place {name}: {len(bundles)} bundle(s) of {bundles[0]} ({strategy}) did not fit the cluster "
-                f"within {self._timeout:.0f}s; cluster resources {self._ray.cluster_resources()}, available "
-                f"{self._ray.available_resources()} (lower run.placement.{name} or add nodes)") from exc
-        return group
-
-    @staticmethod
-    def options(group: Any, index: int) -> dict[str, Any]:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=group, placement_group_bundle_index=index, placement_group_capture_child_tasks=True)}
-
-    def release(self, group: Any) -> None:
-        """Remove one group now (a phase that ended, e.g. the warm start) so that its resources free up."""
-        from ray.util.placement_group import remove_placement_group
-
-        if group in self._groups:
-            self._groups.remove(group)
-            remove_placement_group(group)
-
-    def remove(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        for group in self._groups:
-            try:
-                remove_placement_group(group)
-            except Exception as exc:  # the cluster may already be gone; nothing else of ours is held by it
-                log.warning("could not remove placement group %s: %s", group.id, exc)
-        self._groups = []
-
-
-def where_am_i(_instance: Any = None) -> dict[str, Any]:
-    """Node id, node address and pid of the calling Ray worker (run inside a role through __ray_call__)."""
-    import ray
-
-    context = ray.get_runtime_context()
-    return {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
-
-
-def advertised(endpoint: str, node_ip: str) -> str:
-    """A wildcard bind (tcp://0.0.0.0:P, tcp://*:P) as the address other nodes reach: tcp://<node_ip>:P."""
-    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
-        if endpoint.startswith(wildcard):
-            return f"tcp://{node_ip}:{endpoint[len(wildcard):]}"
-    return endpoint

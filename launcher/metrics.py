@@ -16,8 +16,8 @@ from launcher.sinks import Sinks
 log = logging.getLogger(__name__)
 
 PERCENTILES = ("p50", "p90", "p99")
-# Per-actor counters summed over actors (as actor_<name>); launcher carries a dead process's last values over to its
-# restarted successor, so the totals never go down (launcher.roles.Roles.actor_metrics).
+# Per-actor counters summed over actors (as actor_<name>); the supervisor carries a dead process's last values over to
+# its restarted successor, so the totals never go down (launcher.supervise.Supervisor.actor_metrics).
 ACTOR_COUNTERS = ("weight_updates", "weight_errors", "episodes", "tool_errors", "groups_played", "tokens_generated",
                   "engine_restarts", "group_failures", "admissions_denied", "spool_resent", "spool_replayed")
 
@@ -60,8 +60,8 @@ def summarize_actors(snapshots: list[Mapping[str, float]],
                      supervision: Mapping[str, float] | None = None) -> dict[str, float]:
     """The actors' side of a metrics row: how many report, the policy versions they run, totals of their counters,
     and the slowest actor's view of tool latency (client side: queueing + network + search); plus the supervisor's
-    counts (`Roles.actor_supervision`: actor_restarts, actors_restarting, actor_snapshots_missed). A restarted
-    actor's counters (ACTOR_COUNTERS) include its dead predecessors' last reported values (Roles.actor_metrics)."""
+    counts (`Supervisor.actor_supervision`: actor_restarts, actors_restarting, actor_snapshots_missed). A restarted
+    actor's counters (ACTOR_COUNTERS) include its dead predecessors' last reported values (Supervisor.actor_metrics)."""
     view: dict[str, float] = dict(supervision or {})
     if not snapshots:
         return {**view, "actors_reporting": 0.0} if view else {}
@@ -109,10 +109,10 @@ def with_throughput(row: dict[str, Any], previous_wall_s: float, wall_s: float) 
     return row
 
 
-def stream_metrics(run: Mapping[str, Any], run_dir: Path, roles: Any, memory: MemorySampler,
+def stream_metrics(run: Mapping[str, Any], run_dir: Path, supervisor: Any, memory: MemorySampler,
                    config: Mapping[str, Any]) -> int:
-    """Write one row per learner step to every sink until max_steps (exit code 0), a role failure (raised) or
-    run.timeout_s (exit code 1)."""
+    """Write one row per learner step (joined with the roles' views the `supervisor` collects) to every sink until
+    max_steps (exit code 0), a role failure (raised) or run.timeout_s (exit code 1)."""
     started = time.monotonic()
     deadline = started + float(run["timeout_s"])
     max_steps = int(run["max_steps"])
@@ -122,11 +122,11 @@ def stream_metrics(run: Mapping[str, Any], run_dir: Path, roles: Any, memory: Me
     steps, last_wall = 0, 0.0
     try:
         while True:
-            finished = roles.check_failures()  # also restarts actors whose process died (Roles.supervise_actors)
-            rows = roles.drain_learner_metrics()
+            finished = supervisor.check_failures()  # also restarts actors whose process died
+            rows = supervisor.drain_learner_metrics()
             if rows:
-                context = summarize_actors(roles.actor_metrics(), roles.actor_supervision())
-                context.update(summarize_tools(roles.tool_stats()))
+                context = summarize_actors(supervisor.actor_metrics(), supervisor.actor_supervision())
+                context.update(summarize_tools(supervisor.tool_stats()))
             for row in rows:
                 wall = round(time.monotonic() - started, 3)
                 row.update(context)

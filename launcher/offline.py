@@ -1,6 +1,7 @@
-"""The run modes without a learner: `eval` (one policy over a questions parquet, actors' eval table) and `curate`
-(search balancing: k runs per question with and without search, labels, a balanced subset). Each runs as one Ray
-task placed like a rollout actor, with one engine; `export_checkpoint` turns a learner checkpoint into a model folder.
+"""The run modes without a learner: `eval` (one policy over a questions parquet, actors' eval table; a learner
+checkpoint is exported onto its model first, learner/checkpoint.py) and `curate` (search balancing: k runs per
+question with and without search, labels, a balanced subset). `run_offline` runs either as one Ray task placed like
+a rollout actor, with one engine, and returns the table launch.py prints.
 """
 from __future__ import annotations
 
@@ -9,16 +10,15 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+from launcher.run_folder import base_model_of
+from launcher.start import Roles
+
 log = logging.getLogger(__name__)
 
-RUN_MODEL_FILE = "model.json"  # in a run folder: {"model_path": the model the run trained from}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def _worker_setup() -> None:
@@ -28,60 +28,34 @@ def _worker_setup() -> None:
     logging.getLogger().setLevel(os.environ.get("FORAGE_LOG_LEVEL", "INFO"))
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------------------------- the driver side
 
-def resolve_eval_checkpoint(path: str | Path) -> Path:
-    """A learner checkpoint directory (step_NNNNNNNN/) or a checkpoint root (its newest complete checkpoint)."""
-    from learner.checkpoint import STATE_FILE, list_checkpoints
+def run_offline(conf: Mapping[str, Any], roles: Roles, model_path: Path, questions: Path,
+                tools: dict[str, list[str]], run_dir: Path) -> str:
+    """run.mode=eval: the policy (model or learner checkpoint) over the questions; run.mode=curate: search-balance
+    labels and a balanced subset of the questions. Returns the console summary (a line and the table). `run_dir` is
+    the socket-safe alias of the run folder."""
+    from actors.eval import format_table
 
-    candidate = Path(path)
-    if (candidate / STATE_FILE).is_file() and (candidate / ".metadata").is_file():
-        return candidate
-    found = list_checkpoints(candidate)
-    if not found:
-        raise FileNotFoundError(f"run.eval.checkpoint={path}: neither a learner checkpoint (step_NNNNNNNN/ with "
-                                f"{STATE_FILE} and .metadata) nor a folder holding one")
-    return found[-1]
-
-
-def base_model_of(checkpoint: Path, default: str | Path) -> str:
-    """The model a checkpoint was trained from: the `model.json` launch.py wrote into that run's folder (the
-    checkpoint's grandparent, or its parent), else `default`. The tiny model's cache key changes with its build
-    code, so the run's own record beats whatever model this launch built."""
-    for folder in (checkpoint.parent, checkpoint.parent.parent):
-        record = folder / RUN_MODEL_FILE
-        if record.is_file():
-            recorded = Path(json.loads(record.read_text())["model_path"])
-            if (recorded / "config.json").is_file():
-                return str(recorded)
-            log.warning("%s names %s, which is gone; exporting onto %s", record, recorded, default)
-    return str(default)
-
-
-def export_checkpoint(checkpoint: str | Path, base_model: str | Path, out_dir: str | Path) -> Path:
-    """An HF model folder at `out_dir`: the model weights of a learner checkpoint (DCP, any world size) on top of
-    `base_model`'s architecture, with the base folder's tokenizer, processor and chat-template files. Returns it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    from learner.trainer import load_model
-
-    checkpoint, base, out = Path(checkpoint), Path(base_model), Path(out_dir)
-    started = time.perf_counter()
-    model = load_model(str(base))
-    state = {"model": get_model_state_dict(model)}
-    with warnings.catch_warnings():  # no process group on purpose: DCP reads every rank's shard in this process
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, checkpoint_id=str(checkpoint))
-    set_model_state_dict(model, state["model"])
-    out.mkdir(parents=True, exist_ok=True)
-    for item in base.iterdir():  # tokenizer, processor, chat template, generation config, build notes
-        if item.is_file() and item.name not in WEIGHT_FILES and not item.name.startswith("model-"):
-            shutil.copy2(item, out / item.name)
-    model.save_pretrained(out)
-    (out / "forage_checkpoint.json").write_text(json.dumps({"checkpoint": str(checkpoint), "base": str(base)}) + "\n")
-    log.info("exported %s onto %s -> %s in %.1fs", checkpoint, base, out, time.perf_counter() - started)
-    return out
+    run, mode = conf["run"], conf["run"]["mode"]
+    settings = run[mode]
+    actor_cfg = {"actors": {**conf["actors"], "sampling": {**conf["actors"]["sampling"],
+                                                           "temperature": settings["temperature"]}},
+                 "algo": conf["algo"]}
+    out = run_dir / mode
+    started = time.monotonic()
+    if mode == "eval":
+        summary = roles.run_offline("eval", eval_task, str(model_path), str(questions), str(out), tools, actor_cfg,
+                                    checkpoint=settings["checkpoint"], split=settings["split"],
+                                    limit=settings["limit"])
+        table = format_table(summary["table"])
+    else:
+        curation = {k: settings[k] for k in ("k", "free_min_acc", "required_min_acc", "free_fraction", "seed")}
+        summary = roles.run_offline("curate", curate_task, str(model_path), str(questions), str(out), tools,
+                                    actor_cfg, curation, split=settings["split"], limit=settings["limit"])
+        table = curate_table(summary)
+    shown = Path(run["out_dir"]) / mode  # `out` goes through the socket-safe alias, removed at the end
+    return f"{mode} of {summary['questions']} question(s) in {time.monotonic() - started:.0f}s -> {shown}\n{table}"
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -93,9 +67,13 @@ def eval_task(model_path: str, data_path: str, out_dir: str, tools: Mapping[str,
     outputs (samples.jsonl/.parquet, summary.json/.md) land in `out_dir`. Returns the summary."""
     _worker_setup()
     from actors.eval import run_eval
+    from learner.checkpoint import export_checkpoint, find_checkpoint
 
     if checkpoint:
-        step = resolve_eval_checkpoint(checkpoint)
+        try:
+            step = find_checkpoint(checkpoint)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"run.eval.checkpoint={exc}") from None
         model_path = str(export_checkpoint(step, base_model_of(step, model_path), Path(out_dir) / "model"))
     return run_eval(model_path, data_path, out_dir, dict(tools), dict(actor_cfg), split=split, limit=limit)
 

@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from data.world import WorldPaths
 from launcher.progress import ProgressDisplay
-from launcher.roles import Roles
+from launcher.run_folder import record_model
+from launcher.sinks import JsonlSink, Sinks
+from launcher.start import Roles
 from learner.sft import SftConfig
-from models.ensure import BUILD_INFO, BUILD_VERSION, ModelConfig, base_key, build_once, cache_key, ensure_base_model
+from models.ensure import (
+    BUILD_INFO, BUILD_VERSION, ModelConfig, base_key, build_once, cache_key, checkpoint_dtype, ensure_base_model,
+)
 
 log = logging.getLogger(__name__)
+stage = logging.getLogger("forage.launch")  # start-up stages: one console line each (launcher/logs.py)
 
 # (base model folder, world root, out folder, {"learner": ..., "sft": ...}, dtype) -> report; learner.sft's
 # run_sft_local (ranks spawned on this machine) by default, `RaySftRunner` in launch.py.
@@ -68,6 +74,50 @@ def _warm_folder(model_cfg: ModelConfig, world_paths: WorldPaths, cache_root: Pa
     base = base_key(model_cfg, world_paths)
     warm = cache_key({"version": BUILD_VERSION, "base": base, "sft": dataclasses.asdict(sft_config(model_cfg))})
     return Path(cache_root) / f"tiny-{base}-warm-{warm}"
+
+
+def prepare_model(conf: Mapping[str, Any], roles: Roles, world: WorldPaths, run_dir: Path) -> Path:
+    """The model RL starts from: model.path, or the tiny model warm-started by the learner's SFT (model.sft) on the
+    learner's placement (first time only: cached under run.cache_dir; its rows go to <run>/warm_start.jsonl)."""
+    model_cfg, cache = ModelConfig.from_dict(conf["model"]), conf["run"]["cache_dir"]
+    if warm_start_cached(model_cfg, world, cache):
+        return ensure_model(model_cfg, world, cache)
+    stage.info("warm start of the tiny model: %d SFT steps on the learner ranks (first time only; cached after)",
+             sft_config(model_cfg).steps)
+    started = time.monotonic()
+    sink = JsonlSink(run_dir / "warm_start.jsonl")
+    try:
+        path = ensure_model(model_cfg, world, cache, learner=conf["learner"],
+                            runner=RaySftRunner(roles, sink, bool(conf["run"]["progress"])))
+    finally:
+        sink.close()
+    stage.info("warm start done in %.1fs: %s", time.monotonic() - started, path)
+    return path
+
+
+def train_alone(conf: Mapping[str, Any], roles: Roles, world: WorldPaths, run_dir: Path) -> str:
+    """algo=sft: the learner ranks fine-tune model.path (or the tiny model's base) on oracle episodes of the world;
+    the result is <run>/model, a Hugging Face folder; metrics rows go to the run's sinks. Returns the console summary.
+    """
+    model_cfg = ModelConfig.from_dict(conf["model"])
+    base = ensure_base_model(model_cfg, world, conf["run"]["cache_dir"])
+    dtype = checkpoint_dtype(base) if model_cfg.path else model_cfg.dtype
+    out = run_dir / "model"
+    if out.exists():
+        raise SystemExit(f"{out} already exists: give algo=sft a new run.out_dir")
+    sinks = Sinks(run_dir, conf["run"], conf)
+    started = time.monotonic()
+    try:
+        runner = RaySftRunner(roles, sinks, bool(conf["run"]["progress"]))
+        build_once(out, lambda tmp: {"kind": "sft", "base": str(base), "sft": conf["algo"],
+                                     "report": runner(base, world.root, tmp, {"learner": conf["learner"],
+                                                                              "sft": conf["algo"]}, dtype)})
+    finally:
+        sinks.close()
+    record_model(run_dir, base)  # what it trained from
+    shown = Path(conf["run"]["out_dir"]) / "model"
+    return (f"warm start of {conf['algo']['steps']} steps in {time.monotonic() - started:.0f}s -> {shown}\n"
+            f"start RL from it: python launch.py model.path={shown}")
 
 
 def sft_status(row: Mapping[str, Any]) -> str:

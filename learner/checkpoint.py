@@ -9,6 +9,7 @@ Layout under `root` (a directory every rank can write; shared storage on a multi
     root/step_00000007/groups.msgpack              rank 0: buffered groups (learner.batch.pack_groups)
 A checkpoint is written into `root/.step_00000007.tmp` and renamed by rank 0 once every rank has finished, so a
 directory named step_* is always complete; "latest" is the highest such step. The newest `keep` are kept.
+`export_checkpoint` turns one into a Hugging Face model folder (what eval serves on vLLM).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import logging
 import os
 import re
 import shutil
+import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,6 +31,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 STATE_FILE = "learner_state.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # of a model folder
 GROUPS_FILE = "groups.msgpack"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -155,3 +159,42 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A learner checkpoint directory (step_NNNNNNNN/) as is, or a checkpoint root's newest complete checkpoint."""
+    candidate = Path(path)
+    if (candidate / STATE_FILE).is_file() and (candidate / ".metadata").is_file():
+        return candidate
+    found = list_checkpoints(candidate)
+    if not found:
+        raise FileNotFoundError(f"{path}: neither a learner checkpoint (step_NNNNNNNN/ with {STATE_FILE} and "
+                                f".metadata) nor a folder holding one")
+    return found[-1]
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, base_model: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """An HF model folder at `out_dir`: the model weights of a learner checkpoint (DCP, any world size) on top of
+    `base_model`'s architecture, with the base folder's tokenizer, processor and chat-template files. Returns it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from transformers import AutoModelForImageTextToText
+
+    checkpoint, base, out = Path(checkpoint), Path(base_model), Path(out_dir)
+    started = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)  # as the learner loads it
+    state = {"model": get_model_state_dict(model)}
+    with warnings.catch_warnings():  # no process group on purpose: DCP reads every rank's shard in this process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(checkpoint))
+    set_model_state_dict(model, state["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():  # tokenizer, processor, chat template, generation config, build notes
+        if item.is_file() and item.name not in WEIGHT_FILES and not item.name.startswith("model-"):
+            shutil.copy2(item, out / item.name)
+    model.save_pretrained(out)
+    (out / "forage_checkpoint.json").write_text(json.dumps({"checkpoint": str(checkpoint), "base": str(base)}) + "\n")
+    log.info("exported %s onto %s -> %s in %.1fs", checkpoint, base, out, time.perf_counter() - started)
+    return out

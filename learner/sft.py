@@ -176,9 +176,10 @@ class SftRank:
         self.device = rank_device(self.learner, rank)
         join_world(self.learner, master_addr, master_port, rank, world_size)
         self.trainer = Trainer(model_path, self.learner, self.sft.algo_config(), self.device, objective="sft")
-        self.stream = OracleStream(load_world(WorldPaths(Path(world_root))), EpisodeTokenizer.from_pretrained(model_path),
-                                   self.sft.oracle(), split=self.sft.split, seed=self.sft.seed,
-                                   batch_size=self.sft.batch_size, vision_steps=self.sft.vision_steps)
+        tok = EpisodeTokenizer.from_pretrained(model_path)
+        self.stream = OracleStream(load_world(WorldPaths(Path(world_root))), tok, self.sft.oracle(),
+                                   split=self.sft.split, seed=self.sft.seed, batch_size=self.sft.batch_size,
+                                   vision_steps=self.sft.vision_steps)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._rows: list[dict[str, float]] = []

@@ -97,7 +97,7 @@ def test_a_killed_rollout_actor_is_restarted_and_the_run_loses_nothing(tmp_path)
     run.wait()
     print(f"actor-restart launch: {run.seconds:.0f}s (step 2 granted at {granted_s:.0f}s, killed then; its engine "
           f"processes gone {engines_gone_s:.0f}s later)")
-    print("\n".join(line for line in run.output.splitlines() if "actor0: " in line and "launcher.roles" in line))
+    print("\n".join(line for line in run.output.splitlines() if "actor0: " in line and "launcher.supervise" in line))
 
     assert run.proc.returncode == 0, run.output[-8000:]
     rows = run.rows()

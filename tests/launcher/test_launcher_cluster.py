@@ -1,5 +1,5 @@
 """Placement helpers (bundles, advertised endpoints, loopback detection), the socket-safe run-folder alias, and
-launch.py's config checks (modes, sync pins max_staleness to 0, temperature agreement, missing paths)."""
+the launcher's config checks (modes, sync pins max_staleness to 0, temperature agreement, missing paths)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import launch
-from launcher.cluster import SocketAlias, advertised, bundle, is_loopback_address
-from launcher.roles import _resource_options, tool_token
+from launcher.cluster import SocketAlias, is_loopback_address
+from launcher.placement import advertised, bundle, resource_options
+from launcher.prepare import check_config
+from launcher.start import tool_token
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -18,9 +19,9 @@ def test_bundles_and_ray_options_from_placement_entries():
     assert bundle({"num_cpus": 1, "num_gpus": 0, "resources": None}) == {"CPU": 1.0}
     assert bundle({"num_cpus": 8, "num_gpus": 1, "resources": {"actor_node": 1, "unused": 0}}) == \
         {"CPU": 8.0, "GPU": 1.0, "actor_node": 1.0}
-    assert _resource_options({"num_cpus": 0.25, "resources": {"learner_node": 0.5}}) == \
+    assert resource_options({"num_cpus": 0.25, "resources": {"learner_node": 0.5}}) == \
         {"num_cpus": 0.25, "resources": {"learner_node": 0.5}}
-    assert _resource_options({"num_cpus": 2, "num_gpus": 1}) == {"num_cpus": 2.0, "num_gpus": 1.0}
+    assert resource_options({"num_cpus": 2, "num_gpus": 1}) == {"num_cpus": 2.0, "num_gpus": 1.0}
 
 
 def test_wildcard_endpoints_are_advertised_with_the_node_address():
@@ -61,20 +62,20 @@ def _cfg(*overrides: str):
 
 def test_config_checks_per_mode(tmp_path):
     cfg = _cfg("run.mode=sync")
-    launch.check_config(cfg)
+    check_config(cfg)
     assert cfg.algo.max_staleness == 0  # sync = the same code path with eta = 0
     async_cfg = _cfg()
-    launch.check_config(async_cfg)
+    check_config(async_cfg)
     assert async_cfg.algo.max_staleness == 1
     with pytest.raises(SystemExit, match="run.mode='offline'"):
-        launch.check_config(_cfg("run.mode=offline"))
+        check_config(_cfg("run.mode=offline"))
     with pytest.raises(SystemExit, match="algo.temperature"):
-        launch.check_config(_cfg("actors.sampling.temperature=0.7"))
-    launch.check_config(_cfg("run.mode=eval", "actors.sampling.temperature=0.7"))  # eval samples at run.eval's
+        check_config(_cfg("actors.sampling.temperature=0.7"))
+    check_config(_cfg("run.mode=eval", "actors.sampling.temperature=0.7"))  # eval samples at run.eval's
     with pytest.raises(SystemExit, match="run.eval.checkpoint"):
-        launch.check_config(_cfg("run.mode=eval", f"run.eval.checkpoint={tmp_path / 'none'}"))
+        check_config(_cfg("run.mode=eval", f"run.eval.checkpoint={tmp_path / 'none'}"))
     with pytest.raises(SystemExit, match="data.path"):
-        launch.check_config(_cfg(f"data.path={tmp_path / 'none.parquet'}"))
+        check_config(_cfg(f"data.path={tmp_path / 'none.parquet'}"))
 
 
 def test_scaling_overrides_compose():

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from launcher.offline import curate, curate_table, export_checkpoint, resolve_eval_checkpoint, without_search
+from launcher.offline import curate, curate_table, without_search
+from learner.checkpoint import export_checkpoint, find_checkpoint
 from testkit import solid_png
 
 
@@ -30,10 +31,10 @@ def test_a_learner_checkpoint_exports_to_a_loadable_model_folder(tiny_model_dir,
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": model.state_dict(), "optim": {}}, checkpoint_id=str(step))  # the learner's layout
     (step / STATE_FILE).write_text("{}")
-    assert resolve_eval_checkpoint(tmp_path / "checkpoints") == step  # a root means its newest checkpoint
-    assert resolve_eval_checkpoint(step) == step
+    assert find_checkpoint(tmp_path / "checkpoints") == step  # a root means its newest checkpoint
+    assert find_checkpoint(step) == step
     with pytest.raises(FileNotFoundError, match="neither a learner checkpoint"):
-        resolve_eval_checkpoint(tmp_path)
+        find_checkpoint(tmp_path)
 
     out = export_checkpoint(step, tiny_model_dir, tmp_path / "exported")
     reloaded = AutoModelForImageTextToText.from_pretrained(out)
@@ -125,7 +126,7 @@ def test_curate_labels_from_runs_with_and_without_search(tiny_model_dir, tmp_pat
 
 
 def test_a_checkpoint_is_exported_onto_the_model_its_run_trained_from(tiny_model_dir, tmp_path):
-    from launcher.offline import RUN_MODEL_FILE, base_model_of
+    from launcher.run_folder import RUN_MODEL_FILE, base_model_of
 
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     step.mkdir(parents=True)

@@ -1,9 +1,9 @@
-"""Roles' supervision of rollout actors on a real private Ray cluster: a killed actor process is restarted by Ray and
-started and run again by `supervise_actors`; an actor whose code raises, or that runs out of restarts, fails the run
-naming the actor; metrics skip a restarting actor; stop() ends every process.
+"""The supervisor of rollout actors on a real private Ray cluster: a killed actor process is restarted by Ray and
+started and run again by `Supervisor.supervise_actors`; an actor whose code raises, or that runs out of restarts,
+fails the run naming the actor; metrics skip a restarting actor; stop() ends every process.
 
 The actor here is a stand-in with the RolloutActor call protocol (start, run, stop, metrics) and no engine, so the
-test exercises Roles and Ray, not vLLM (tests/e2e/test_e2e_actor_restart.py kills a real RolloutActor). Its
+test exercises the launcher and Ray, not vLLM (tests/e2e/test_e2e_actor_restart.py kills a real RolloutActor). Its
 behaviour for the *next* process is set through files in its folder, since a restarted process re-runs __init__.
 The Ray tests are marked slow (one Ray cluster per module, ~6 s; ~22 s in all on 2 shared cores).
 """
@@ -20,7 +20,8 @@ import pytest
 
 from launcher.cluster import RayCluster, SocketAlias
 from launcher.metrics import summarize_actors
-from launcher.roles import ActorFailed, Roles
+from launcher.start import Roles, actor_restart_options
+from launcher.supervise import ActorFailed, Supervisor
 
 
 class StandInActor:
@@ -73,27 +74,31 @@ def ray_cluster(tmp_path_factory):
             os.environ[key] = value
 
 
-def make_roles(folders: list[Path], max_restarts: int) -> Roles:
-    """Roles with stand-in actors created exactly as start_actors creates rollout actors (restart options)."""
+def make_supervisor(folders: list[Path], max_restarts: int) -> Supervisor:
+    """The supervisor of stand-in actors created exactly as Roles.start_actors creates rollout actors (restart
+    options)."""
     import ray
 
-    from launcher.cluster import where_am_i
+    from launcher.placement import where_am_i
 
-    roles = Roles({"run": {"placement_timeout_s": 60, "actor_max_restarts": max_restarts}})
-    remote = ray.remote(StandInActor).options(num_cpus=0, **roles.actor_restart_options())
+    run = {"placement_timeout_s": 60, "actor_max_restarts": max_restarts, "placement": {}}
+    roles = Roles({"run": run})
+    remote = ray.remote(StandInActor).options(num_cpus=0, **actor_restart_options(run))
     roles.actors = [remote.remote(str(folder)) for folder in folders]
     ray.get([a.start.remote() for a in roles.actors])
     places = ray.get([a.__ray_call__.remote(where_am_i) for a in roles.actors])
     roles.where["actors"] = [{**p, "actor_id": f"actor{i}"} for i, p in enumerate(places)]
-    roles.start_training(max_steps=0)  # no learner ranks: only the actors' run()
-    return roles
+    supervisor = Supervisor(roles)
+    supervisor.start_training(max_steps=0)  # no learner ranks: only the actors' run()
+    return supervisor
 
 
-def supervise_until(roles: Roles, done, timeout: float = 45.0) -> None:
+def supervise_until(supervisor: Supervisor, done, timeout: float = 45.0) -> None:
     deadline = time.monotonic() + timeout
     while not done():
-        assert time.monotonic() < deadline, [(w.actor_id, w.phase, w.restarts, w.cause) for w in roles.actor_watch]
-        roles.check_failures()
+        assert time.monotonic() < deadline, [(w.actor_id, w.phase, w.restarts, w.cause)
+                                             for w in supervisor.actor_watch]
+        supervisor.check_failures()
         time.sleep(0.2)
 
 
@@ -115,38 +120,39 @@ def test_a_killed_actor_process_is_restarted_started_and_run_again(ray_cluster, 
     folders = [tmp_path / "a0", tmp_path / "a1"]
     for folder in folders:
         folder.mkdir()
-    roles = make_roles(folders, max_restarts=2)
+    supervisor = make_supervisor(folders, max_restarts=2)
     try:
         first = starts(folders[0])[0]
         other = starts(folders[1])[0]
-        assert summarize_actors(roles.actor_metrics())["actor_episodes"] == 2  # each reports 1 episode
+        assert summarize_actors(supervisor.actor_metrics())["actor_episodes"] == 2  # each reports 1 episode
         os.kill(first, signal.SIGKILL)  # a process this test started (through Ray)
-        supervise_until(roles, lambda: roles.actor_watch[0].phase != "running")
-        watch = roles.actor_watch[0]
+        supervise_until(supervisor, lambda: supervisor.actor_watch[0].phase != "running")
+        watch = supervisor.actor_watch[0]
         assert watch.restarts == 1 and "Actor" in watch.cause, watch
         # while it restarts, metrics leave it out (and count it) instead of failing or hanging the loop
-        snapshots = roles.actor_metrics()
+        snapshots = supervisor.actor_metrics()
         assert [s["actor_pid"] for s in snapshots] == [other]
-        view = summarize_actors(snapshots, roles.actor_supervision())
+        view = summarize_actors(snapshots, supervisor.actor_supervision())
         assert view["actor_restarts"] == 1 and view["actors_restarting"] == 1 and view["actors_reporting"] == 1
         assert view["actor_snapshots_missed"] == 1
 
-        supervise_until(roles, lambda: roles.actor_watch[0].phase == "running")
+        supervise_until(supervisor, lambda: supervisor.actor_watch[0].phase == "running")
         again = starts(folders[0])
         assert len(again) == 2 and again[1] != first  # start() re-issued, in a new process
-        assert roles.where["actors"][0]["pid"] == again[1] and roles.where["actors"][0]["restarts"] == 1
+        where = supervisor.roles.where["actors"][0]
+        assert where["pid"] == again[1] and where["restarts"] == 1
         assert starts(folders[1]) == [other]  # the other actor was left alone
         assert gone(first)
         time.sleep(0.5)
-        roles.check_failures()  # the new run() is running, nothing raised
-        assert roles.actor_watch[0].phase == "running"
-        snapshots = roles.actor_metrics()
+        supervisor.check_failures()  # the new run() is running, nothing raised
+        assert supervisor.actor_watch[0].phase == "running"
+        snapshots = supervisor.actor_metrics()
         assert sorted(s["actor_pid"] for s in snapshots) == sorted([again[1], other])
         assert summarize_actors(snapshots)["actor_episodes"] == 3  # the dead process's episode is still counted
-        assert roles.actor_supervision()["actors_restarting"] == 0
+        assert supervisor.actor_supervision()["actors_restarting"] == 0
     finally:
         pids = [p for folder in folders for p in starts(folder)]
-        roles.stop()
+        supervisor.stop()
     time.sleep(1)
     assert all(gone(pid) for pid in pids), [p for p in pids if not gone(p)]
 
@@ -154,43 +160,44 @@ def test_a_killed_actor_process_is_restarted_started_and_run_again(ray_cluster, 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_an_actor_out_of_restarts_fails_the_run_naming_it(ray_cluster, tmp_path):
-    roles = make_roles([tmp_path], max_restarts=1)
+    supervisor = make_supervisor([tmp_path], max_restarts=1)
     try:
         os.kill(starts(tmp_path)[0], signal.SIGKILL)
-        supervise_until(roles, lambda: roles.actor_watch[0].restarts == 1 and roles.actor_watch[0].phase == "running")
+        watch = supervisor.actor_watch[0]
+        supervise_until(supervisor, lambda: watch.restarts == 1 and watch.phase == "running")
         os.kill(starts(tmp_path)[1], signal.SIGKILL)
         with pytest.raises(ActorFailed, match=r"actor0: its process died .* no restart left \(1 of "
                                               r"run.actor_max_restarts=1 used\)"):
-            supervise_until(roles, lambda: False)
+            supervise_until(supervisor, lambda: False)
     finally:
-        roles.stop()
+        supervisor.stop()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_an_error_raised_by_the_actor_fails_the_run_without_a_restart(ray_cluster, tmp_path):
     (tmp_path / "run_raises").touch()
-    roles = make_roles([tmp_path], max_restarts=3)
+    supervisor = make_supervisor([tmp_path], max_restarts=3)
     try:
         with pytest.raises(ActorFailed, match="(?s)rollout actor actor0 failed: .*a group failed on purpose"):
-            supervise_until(roles, lambda: False)
-        assert roles.actor_watch[0].restarts == 0 and len(starts(tmp_path)) == 1
+            supervise_until(supervisor, lambda: False)
+        assert supervisor.actor_watch[0].restarts == 0 and len(starts(tmp_path)) == 1
     finally:
-        roles.stop()
+        supervisor.stop()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_restarted_actor_whose_start_raises_fails_the_run(ray_cluster, tmp_path):
-    roles = make_roles([tmp_path], max_restarts=3)
+    supervisor = make_supervisor([tmp_path], max_restarts=3)
     try:
         (tmp_path / "start_raises").touch()  # for the next process
         os.kill(starts(tmp_path)[0], signal.SIGKILL)
         with pytest.raises(ActorFailed, match="(?s)actor0 failed to start again after its process died .*on purpose"):
-            supervise_until(roles, lambda: False)
-        assert roles.actor_watch[0].restarts == 1
+            supervise_until(supervisor, lambda: False)
+        assert supervisor.actor_watch[0].restarts == 1
     finally:
-        roles.stop()
+        supervisor.stop()
 
 
 @pytest.mark.slow
@@ -198,23 +205,22 @@ def test_a_restarted_actor_whose_start_raises_fails_the_run(ray_cluster, tmp_pat
 def test_a_lost_call_to_a_live_actor_is_not_taken_for_a_restart(ray_cluster, tmp_path):
     from ray.exceptions import ActorUnavailableError
 
-    roles = make_roles([tmp_path], max_restarts=3)
+    supervisor = make_supervisor([tmp_path], max_restarts=3)
     try:
         # What a dropped connection looks like to the supervisor: run() failed as "unavailable", the process lives on.
-        roles._actor_died(roles.actor_watch[0], ActorUnavailableError("RPC error: Socket closed", None),
+        supervisor._actor_died(supervisor.actor_watch[0], ActorUnavailableError("RPC error: Socket closed", None),
                           time.monotonic())
         with pytest.raises(ActorFailed, match=r"actor0: its run\(\) call was lost .* never died; not restarting"):
-            supervise_until(roles, lambda: False)
+            supervise_until(supervisor, lambda: False)
         assert len(starts(tmp_path)) == 1  # start() was not called a second time on the live process
     finally:
-        roles.stop()
+        supervisor.stop()
 
 
 def test_actor_restart_options_come_from_the_run_config():
-    assert Roles({"run": {"placement_timeout_s": 5, "actor_max_restarts": 3}}).actor_restart_options() == {
-        "max_restarts": 3, "max_task_retries": 0}
+    assert actor_restart_options({"actor_max_restarts": 3}) == {"max_restarts": 3, "max_task_retries": 0}
     with pytest.raises(ValueError, match="actor_max_restarts must be >= 0, got -2"):
-        Roles({"run": {"placement_timeout_s": 5, "actor_max_restarts": -2}}).actor_restart_options()
+        actor_restart_options({"actor_max_restarts": -2})
 
 
 def test_summarize_actors_with_every_actor_restarting_still_reports_the_restarts():

@@ -1,21 +1,19 @@
-"""Every role launch.py starts, as Ray actors placed by conf/run's `placement`: tool server replicas (spread),
-learner ranks (one placement group, packed), rollout actors (one placement group, spread, restarted by Ray when
-their process dies), and the one-off eval or curate worker (placed like an actor). `stop()` ends exactly these, in
-the order that loses no data.
+"""Keeping the started roles going until the run ends: their run() calls, health (a learner rank's error fails the
+run at once; a rollout actor whose process dies is restarted by Ray and started and run again here, up to
+`run.actor_max_restarts` times), their live views for the metrics loop (learner rows, actor snapshots with dead
+predecessors' counters carried over, tool server stats), and `stop()`, which ends exactly the roles this run
+started, in the order that loses no data.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from launcher.cluster import Placement, advertised, bundle, where_am_i
 from launcher.metrics import ACTOR_COUNTERS
-from protocol.sockets import free_port
+from launcher.placement import where_am_i
+from launcher.start import Roles, actor_restart_options
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +26,7 @@ class ActorFailed(RuntimeError):
 
 @dataclass
 class ActorWatch:
-    """Supervision state of one rollout actor (see `Roles.supervise_actors`)."""
+    """Supervision state of one rollout actor (see `Supervisor.supervise_actors`)."""
 
     actor_id: str
     phase: str = "running"  # running | restarting (Ray brings the process back) | starting (start() again) | done
@@ -41,141 +39,26 @@ class ActorWatch:
     carried: dict = field(default_factory=dict)  # counters its dead predecessors had reported (added to its own)
 
 
-class Roles:
-    """Handles to every Ray actor and placement group this run created."""
+class Supervisor:
+    """Runs, watches and stops the roles of `roles` (see the module docstring)."""
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
-        import ray
-
-        self._ray = ray
-        self.cfg = cfg
-        self.placement = Placement(float(cfg["run"]["placement_timeout_s"]))
-        self.tool_servers: list[Any] = []
-        self.tool_names: list[str] = []
-        self.learner_ranks: list[Any] = []
-        self.actors: list[Any] = []
+    def __init__(self, roles: Roles) -> None:
+        self._ray = roles._ray
+        self.roles = roles
+        self.cfg = roles.cfg
         self.learner_run: list[Any] = []
         self.actor_runs: list[Any] = []
         self.actor_watch: list[ActorWatch] = []
         self.actor_snapshots_missed = 0  # metrics() calls skipped or failed (actor restarting or just died)
-        self.where: dict[str, list[dict[str, Any]]] = {"tool_servers": [], "learner": [], "actors": []}
-
-    # ------------------------------------------------------------------------------------------ starting
-
-    def start_tool_servers(self, world: Any) -> dict[str, list[str]]:
-        """`replicas` servers per tool, spread over the nodes; returns {tool: [endpoint, ...]}."""
-        from tool_servers.backends import TOOL_SECTIONS
-        from tool_servers.server import ToolServerRole
-
-        cfg, run = self.cfg, self.cfg["run"]
-        corpora = {"image_search": str(world.image_corpus), "text_search": str(world.text_corpus)}
-        token = tool_token(cfg["tool_servers"])
-        remote = self._ray.remote(ToolServerRole).options(scheduling_strategy="SPREAD",
-                                                           **_resource_options(run["placement"]["tool_servers"]))
-        endpoints: dict[str, list[str]] = {}
-        for tool, section in TOOL_SECTIONS.items():
-            backend_cfg = dict(cfg["tool_servers"][section])
-            backend_cfg["corpus"] = backend_cfg.get("corpus") or corpora[tool]
-            replicas = [remote.remote(tool, backend_cfg, f"tcp://{run['bind_host']}:*",
-                                      limits=cfg["tool_servers"]["limits"], token=token)
-                        for _ in range(int(backend_cfg["replicas"]))]
-            self.tool_servers += replicas
-            self.tool_names += [tool] * len(replicas)
-            bound = self._ray.get([r.start.remote() for r in replicas])
-            places = self._where(replicas)
-            endpoints[tool] = [advertised(e, p["node_ip"]) for e, p in zip(bound, places)]
-            self.where["tool_servers"] += [{**p, "tool": tool, "endpoint": e} for p, e in zip(places, endpoints[tool])]
-        log.info("tool servers up: %s", endpoints)
-        return endpoints
-
-    def start_learner(self, model_path: Path) -> dict[str, str]:
-        """`learner.world_size` FSDP2 ranks in one packed placement group; returns rank 0's endpoints."""
-        from learner.role import LearnerRank
-
-        cfg = self.cfg
-        world_size = int(cfg["learner"]["world_size"])
-        group, master, port = self.rank_world("learner", world_size)
-        learner_cfg = {"learner": dict(cfg["learner"]), "algo": dict(cfg["algo"])}
-        remote = self._ray.remote(LearnerRank)
-        self.learner_ranks = [
-            remote.options(max_concurrency=4, **self.rank_options(group, rank))
-            .remote(rank, world_size, master, port, str(model_path), learner_cfg)
-            for rank in range(world_size)
-        ]
-        endpoints = self._ray.get(self.learner_ranks[0].endpoints.remote())
-        self._ray.get([rank.publish_initial.remote() for rank in self.learner_ranks])  # a collective
-        self.where["learner"] = [{**p, "rank": r} for r, p in enumerate(self._where(self.learner_ranks))]
-        rank0_ip = self.where["learner"][0]["node_ip"]
-        endpoints = {k: advertised(v, rank0_ip) if k in ("trajectories", "weights") else v
-                     for k, v in endpoints.items()}
-        log.info("learner up: %d rank(s) (master %s:%d), endpoints %s", world_size, master, port, endpoints)
-        return endpoints
-
-    def rank_world(self, name: str, world_size: int) -> tuple[Any, str, int]:
-        """(placement group, rank 0's node address, rendezvous port) of `world_size` learner-placed ranks: one packed
-        group of `run.placement.learner` bundles (the RL learner and the warm start both use it)."""
-        spec = self.cfg["run"]["placement"]["learner"]
-        group = self.placement.group(name, [bundle(spec)] * world_size, str(spec["strategy"]))
-        master = self._bundle_node_ip(group, 0)
-        port = free_port() if master in ("127.0.0.1", "localhost") else int(self.cfg["run"]["learner_port"])
-        return group, master, port
-
-    def rank_options(self, group: Any, rank: int) -> dict[str, Any]:
-        """Ray options pinning rank `rank` to its learner bundle of `group`."""
-        return {**_resource_options(self.cfg["run"]["placement"]["learner"]), **Placement.options(group, rank)}
-
-    def start_actors(self, model_path: Path, questions: Path, tools: dict[str, list[str]],
-                     learner: dict[str, str], run_dir: Path) -> None:
-        """`actors.num_actors` rollout actors in one spread placement group, started (engines up). Ray restarts a
-        dead actor process up to `run.actor_max_restarts` times in its bundle (same constructor arguments, hence the
-        same spool folder); `supervise_actors` then starts and runs it again."""
-        from actors.actor import RolloutActor
-
-        cfg, spec = self.cfg, self.cfg["run"]["placement"]["actors"]
-        count = int(cfg["actors"]["num_actors"])
-        group = self.placement.group("actors", [bundle(spec)] * count, str(spec["strategy"]))
-        actor_cfg = {"actors": dict(cfg["actors"]), "algo": dict(cfg["algo"])}
-        remote = self._ray.remote(RolloutActor)
-        self.actors = [
-            remote.options(**self.actor_restart_options(), **_resource_options(spec), **Placement.options(group, i))
-            .remote(f"actor{i}", str(model_path), str(questions), tools, learner, actor_cfg, str(run_dir))
-            for i in range(count)
-        ]
-        self._ray.get([a.start.remote() for a in self.actors])
-        self.where["actors"] = [{**p, "actor_id": f"actor{i}"} for i, p in enumerate(self._where(self.actors))]
-        log.info("%d rollout actor(s) ready", len(self.actors))
-
-    def actor_restart_options(self) -> dict[str, int]:
-        """Ray options of a rollout actor: Ray restarts its process (re-running the constructor); calls are never
-        retried by Ray (at most once): `supervise_actors` re-issues start() and run() on the new process itself."""
-        restarts = int(self.cfg["run"]["actor_max_restarts"])
-        if restarts < 0:
-            raise ValueError(f"run.actor_max_restarts must be >= 0, got {restarts}")
-        return {"max_restarts": restarts, "max_task_retries": 0}
 
     def start_training(self, max_steps: int) -> None:
-        self.learner_run = [rank.run.remote(max_steps) for rank in self.learner_ranks]
-        self.actor_runs = [a.run.remote() for a in self.actors]
-        self.actor_watch = [ActorWatch(f"actor{i}") for i in range(len(self.actors))]
-
-    def run_offline(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run `fn` (eval or curate: one engine, no learner) in a Ray task placed like a rollout actor; block until
-        it returns (Ctrl-C cancels it)."""
-        spec = self.cfg["run"]["placement"]["actors"]
-        group = self.placement.group(name, [bundle(spec)], "PACK")
-        task = self._ray.remote(fn).options(max_retries=0, **_resource_options(spec), **Placement.options(group, 0))
-        ref = task.remote(*args, **kwargs)
-        try:
-            return self._ray.get(ref)
-        except KeyboardInterrupt:
-            self._ray.cancel(ref)  # KeyboardInterrupt in the task: its engine and clients close in `finally`
-            self._ray.wait([ref], timeout=60)
-            raise
-
-    # ------------------------------------------------------------------------------------------ watching
+        """Call run() on every learner rank (until `max_steps`) and rollout actor, and start watching them."""
+        self.learner_run = [rank.run.remote(max_steps) for rank in self.roles.learner_ranks]
+        self.actor_runs = [a.run.remote() for a in self.roles.actors]
+        self.actor_watch = [ActorWatch(f"actor{i}") for i in range(len(self.roles.actors))]
 
     def drain_learner_metrics(self) -> list[dict]:
-        return self._ray.get(self.learner_ranks[0].drain_metrics.remote()) if self.learner_ranks else []
+        return self._ray.get(self.roles.learner_ranks[0].drain_metrics.remote()) if self.roles.learner_ranks else []
 
     def actor_metrics(self) -> list[dict]:
         """metrics() of every actor that answers within 30 s. An actor being restarted is not asked, and one whose
@@ -184,8 +67,8 @@ class Roles:
         from ray.exceptions import RayActorError
 
         ray = self._ray
-        asked = [i for i in range(len(self.actors)) if self._actor_phase(i) in ("running", "done")]
-        refs = [self.actors[i].metrics.remote() for i in asked]
+        asked = [i for i in range(len(self.roles.actors)) if self._actor_phase(i) in ("running", "done")]
+        refs = [self.roles.actors[i].metrics.remote() for i in asked]
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=30)[0]) if refs else set()
         snapshots = []
         for i, ref in zip(asked, refs):
@@ -203,7 +86,7 @@ class Roles:
                 for key, value in watch.carried.items():
                     snapshot[key] = snapshot.get(key, 0.0) + value
             snapshots.append(snapshot)
-        self.actor_snapshots_missed += len(self.actors) - len(snapshots)
+        self.actor_snapshots_missed += len(self.roles.actors) - len(snapshots)
         return snapshots
 
     def actor_supervision(self) -> dict[str, float]:
@@ -215,10 +98,10 @@ class Roles:
 
     def tool_stats(self) -> list[tuple[str, dict]]:
         """(tool, server stats) per replica; a replica that does not answer in 10 s is left out (and logged)."""
-        refs = [server.stats.remote() for server in self.tool_servers]
+        refs = [server.stats.remote() for server in self.roles.tool_servers]
         ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=10)
         out = []
-        for tool, ref in zip(self.tool_names, refs):
+        for tool, ref in zip(self.roles.tool_names, refs):
             if ref in ready:
                 try:
                     out.append((tool, self._ray.get(ref)))
@@ -270,11 +153,11 @@ class Roles:
                     continue
                 watch.pending = None
                 if exc is None:
-                    self.actor_runs[i] = self.actors[i].run.remote()
+                    self.actor_runs[i] = self.roles.actors[i].run.remote()
                     watch.phase = "running"
                     log.info("%s: back %.0f s after its process died (restart %d of %d); its spool resends what "
                              "the dead process left", watch.actor_id, now - watch.died_at, watch.restarts,
-                             self.actor_restart_options()["max_restarts"])
+                             actor_restart_options(self.cfg["run"])["max_restarts"])
                 elif self._is_death(exc):
                     self._actor_died(watch, exc, now)
                 else:
@@ -283,7 +166,7 @@ class Roles:
 
     def _actor_died(self, watch: ActorWatch, exc: BaseException, now: float) -> None:
         watch.cause = _first_line(exc)
-        limit = self.actor_restart_options()["max_restarts"]
+        limit = actor_restart_options(self.cfg["run"])["max_restarts"]
         if watch.restarts >= limit:
             raise ActorFailed(f"rollout actor {watch.actor_id}: its process died ({watch.cause}) with no restart "
                               f"left ({watch.restarts} of run.actor_max_restarts={limit} used)") from exc
@@ -307,7 +190,7 @@ class Roles:
                               f"{timeout:.0f} s (run.placement_timeout_s) after it died ({watch.cause})")
         if watch.pending is None:
             if now >= watch.probe_at:
-                watch.pending = self.actors[i].__ray_call__.remote(where_am_i)
+                watch.pending = self.roles.actors[i].__ray_call__.remote(where_am_i)
             return
         finished, place, exc = self._outcome(watch.pending)
         if not finished:
@@ -319,15 +202,15 @@ class Roles:
             raise ActorFailed(f"rollout actor {watch.actor_id}: its process died ({watch.cause}) and Ray could not "
                               f"restart it: {exc}") from exc
         else:
-            before = self.where["actors"][i] if i < len(self.where["actors"]) else {}
+            before = self.roles.where["actors"][i] if i < len(self.roles.where["actors"]) else {}
             if (before.get("node_id"), before.get("pid")) == (place["node_id"], place["pid"]):
                 # Unreachable for a moment, not dead: its run() may still be going; starting it twice would not do.
                 raise ActorFailed(f"rollout actor {watch.actor_id}: its run() call was lost ({watch.cause}) but its "
                                   f"process (pid {place['pid']}) never died; not restarting a live actor")
             if before:
-                self.where["actors"][i] = {**place, "actor_id": watch.actor_id, "restarts": watch.restarts}
+                self.roles.where["actors"][i] = {**place, "actor_id": watch.actor_id, "restarts": watch.restarts}
             log.info("%s: process back (pid %s); starting it again", watch.actor_id, place.get("pid"))
-            watch.pending = self.actors[i].start.remote()
+            watch.pending = self.roles.actors[i].start.remote()
             watch.phase = "starting"
 
     def _actor_phase(self, i: int) -> str:
@@ -349,34 +232,28 @@ class Roles:
 
         return isinstance(exc, RayActorError)
 
-    def write_manifest(self, run_dir: Path) -> None:
-        """roles.json: every role's node, address and pid (what the operator and the tests check placement by)."""
-        (run_dir / "roles.json").write_text(json.dumps(self.where, indent=2) + "\n")
-
-    # ------------------------------------------------------------------------------------------ stopping
-
     def stop(self) -> None:
         """Actors stop taking admissions and flush their finished groups (the learner still acks them); the learner
         stops and writes its final checkpoint; tool servers drain; then every handle is killed and the placement
         groups removed. Nothing else in the cluster is touched."""
-        ray = self._ray
+        ray, roles = self._ray, self.roles
         learner_done = bool(self.learner_run) and not ray.wait(
             self.learner_run, num_returns=len(self.learner_run), timeout=0)[1]
         # After max_steps the learner's intake is closed: no ack can come, so actors spool at once instead of waiting.
         self._call_all(self._actors_to_stop(90), "stop", 90, 0.0 if learner_done else None)
-        self._call_all(self.learner_ranks, "stop", 30)
+        self._call_all(roles.learner_ranks, "stop", 30)
         if self.learner_run:  # run() returns after the final checkpoint
             _, pending = ray.wait(self.learner_run, num_returns=len(self.learner_run), timeout=120)
             if pending:
                 log.warning("%d learner rank(s) still running after 120 s; the final checkpoint may be missing",
                             len(pending))
-        self._call_all(self.tool_servers, "stop", 15)
-        for handle in self.actors + self.learner_ranks + self.tool_servers:
+        self._call_all(roles.tool_servers, "stop", 15)
+        for handle in roles.actors + roles.learner_ranks + roles.tool_servers:
             try:
                 ray.kill(handle, no_restart=True)
             except Exception as exc:
                 log.warning("could not kill a role: %s", exc)
-        self.placement.remove()
+        roles.placement.remove()
 
     def _actors_to_stop(self, timeout: float) -> list[Any]:
         """Actors that can take stop(): not one whose process Ray is still bringing back (it has no engine; the
@@ -387,7 +264,7 @@ class Roles:
             log.info("waiting up to %.0f s for %d restarted actor(s) to finish start() before stopping them",
                      timeout, len(starting))
             self._ray.wait(starting, num_returns=len(starting), timeout=timeout)
-        return [a for i, a in enumerate(self.actors) if self._actor_phase(i) != "restarting"]
+        return [a for i, a in enumerate(self.roles.actors) if self._actor_phase(i) != "restarting"]
 
     def _call_all(self, handles: list[Any], method: str, timeout: float, *args: Any) -> None:
         """`method` on every role, waiting for all of them (up to `timeout`) even when one fails at once: ray.get of
@@ -406,43 +283,7 @@ class Roles:
             log.warning("%s() did not finish cleanly on %d of %d role(s) (%d still running after %.0f s): %s",
                         method, len(failed) + len(pending), len(refs), len(pending), timeout, failed)
 
-    # ------------------------------------------------------------------------------------------ helpers
-
-    def _where(self, handles: list[Any]) -> list[dict[str, Any]]:
-        return self._ray.get([h.__ray_call__.remote(where_am_i) for h in handles], timeout=60)
-
-    def _bundle_node_ip(self, group: Any, index: int) -> str:
-        from ray.util.placement_group import placement_group_table
-
-        node_id = placement_group_table(group)["bundles_to_node_id"][index]
-        for node in self._ray.nodes():
-            if node["NodeID"] == node_id:
-                return str(node["NodeManagerAddress"])
-        raise RuntimeError(f"placement group bundle {index} is on node {node_id}, which the cluster does not list")
-
-
-def tool_token(tool_servers: Mapping[str, Any]) -> str | None:
-    """The tool servers' shared token, read from the environment variable named in conf (never from a file)."""
-    name = tool_servers.get("token_env")
-    if not name:
-        return None
-    if not os.environ.get(name):
-        raise SystemExit(f"tool_servers.token_env={name!r} but that environment variable is empty or unset")
-    return os.environ[name]
-
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def _resource_options(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Ray actor/task options asking for exactly one bundle's worth of resources."""
-    resources = bundle(spec)
-    options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 0.0)}
-    if "GPU" in resources:
-        options["num_gpus"] = resources.pop("GPU")
-    if resources:
-        options["resources"] = resources
-    return options
-
