@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
-from actors.actor import load_questions
+from actors.questions import load_questions
 from actors.config import ActorConfig
 from actors.episode import EpisodeResult, Question, ToolCaller, run_episode
 from episode.tokenizer import EpisodeTokenizer

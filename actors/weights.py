@@ -1,4 +1,5 @@
-"""Bringing a new policy version into the actor's engine, whatever transport the learner uses.
+"""Weights in: bringing each new policy version into the actor's engine while episodes run (`WeightPoller`), whatever
+transport the learner uses (`WeightApplier`).
 
 zmq: the reassembled state dict is written as one safetensors file in the actor's own folder. fs: the announced
 version's files are hard-linked (copied across filesystems) into that folder first, so the learner pruning old
@@ -15,12 +16,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from actors.engine import EngineError
-from actors.transport import WeightUpdate
+from actors.engine_slot import EngineSlot
+from actors.transport import TransportClosed, WeightUpdate
 from protocol import ProtocolError
 from protocol.files import write_atomic_with
 from protocol.metrics import Metrics
@@ -156,3 +158,85 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             raise
         shutil.copyfile(src, dst)  # another filesystem (or no hard links): copy
+
+
+class WeightPoller:
+    """Weights in: every `poll_s` while the engine is up, ask the learner for a version newer than the engine's and
+    apply it in place while episodes run (under the engine slot's lock). A live engine that fails to load leaves its
+    weights in doubt: the poller dies, and `on_fatal` stops the actor. An engine that died loading is restarted at
+    the previous version by the slot."""
+
+    def __init__(self, actor_id: str, slot: EngineSlot, link: Any, applier: WeightApplier, poll_s: float,
+                 metrics: Metrics, on_fatal: Callable[[BaseException], None]) -> None:
+        self.actor_id, self.slot, self.link, self.applier = actor_id, slot, link, applier
+        self.poll_s, self.metrics, self.on_fatal = poll_s, metrics, on_fatal
+        self.task: asyncio.Task | None = None
+        self.fatal: BaseException | None = None  # why the poller died (re-raised by the actor's run())
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._poll(), name=f"{self.actor_id}-weights")
+        self.task.add_done_callback(self._on_done)
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def reach_version(self, version: int) -> None:
+        """Wait until the engine runs policy `version` (or newer) before playing a group granted at it: the
+        admission rule bounds staleness from the granted version, and with max_staleness=0 (run.mode=sync) this is
+        what makes actors wait for each new version. The poller brings it within a poll interval."""
+        slot = self.slot
+        assert slot.up is not None
+        if slot.version >= version:
+            return
+        started = time.perf_counter()
+        self.metrics.inc("version_waits")
+        while slot.version < version or not slot.up.is_set():
+            if not self.running:
+                raise TransportClosed(f"{self.actor_id}: weight updates stopped before version {version} arrived")
+            await asyncio.sleep(min(self.poll_s, 0.05))
+        self.metrics.observe("version_wait_s", time.perf_counter() - started)
+
+    def _on_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.fatal = task.exception()
+        self.metrics.inc("weight_errors")
+        log.error("%s: weight updates stopped: %r", self.actor_id, self.fatal)
+        self.on_fatal(self.fatal)
+
+    async def _poll(self) -> None:
+        assert self.slot.up is not None
+        while True:
+            await self.slot.up.wait()
+            try:
+                update = await self.link.poll_weights(self.slot.version)
+            except ProtocolError as exc:
+                self.metrics.inc("weight_errors")
+                log.error("%s: bad weights from the learner: %s", self.actor_id, exc)
+                update = None
+            if update is not None:
+                await self._apply(update)
+            await asyncio.sleep(self.poll_s)
+
+    async def _apply(self, update: WeightUpdate) -> None:
+        generation = self.slot.generation
+        try:
+            version, seconds = await self.slot.under_lock(lambda engine: self.applier.apply(engine, update))
+        except ProtocolError as exc:  # nothing reached the engine (e.g. an fs version vanished): poll again
+            self.metrics.inc("weight_errors")
+            log.error("%s: could not stage weights version %d: %s", self.actor_id, update.version, exc)
+            return
+        except Exception as exc:
+            if self.slot.healthy():
+                raise  # a live engine that failed to load: its weights are in doubt (fatal, see _on_done)
+            await self.slot.recover(generation, exc)  # it died loading: back at the previous version
+            return
+        self.metrics.observe("weight_update_s", seconds)
+        self.metrics.inc("weight_updates")
+        log.info("%s: now at policy version %d (%.2f s)", self.actor_id, version, seconds)

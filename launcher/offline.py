@@ -117,7 +117,7 @@ async def curate(model_path: str, data_path: str, out_dir: str, tools: Mapping[s
                  limit: int | None = None, engine: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """See curate_task. `tools` are tool callers ({tool: client}); `engine`/`tokenizer` replace the vLLM engine
     (tests)."""
-    from actors.actor import load_questions
+    from actors.questions import load_questions
     from actors.config import ActorConfig
     from episode.tokenizer import EpisodeTokenizer
     from actors.eval import eval_questions

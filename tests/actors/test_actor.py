@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from actors.actor import QuestionOrder, RolloutActor, load_questions
+from actors.actor import RolloutActor
+from actors.questions import QuestionOrder, load_questions
 from actors.engine import EngineError, TurnOutput, TurnRequest
 from actors.spool import Grant, GroupSpool
 from episode.tokenizer import EpisodeTokenizer

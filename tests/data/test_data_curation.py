@@ -51,7 +51,7 @@ def test_config_validation():
 
 
 def test_write_curated_keeps_the_question_rows_and_relabels_them(small_paths, tmp_path):
-    from actors.actor import load_questions
+    from actors.questions import load_questions
 
     rows = pq.read_table(small_paths.questions).to_pylist()[:6]
     labels = ["search_free", "search_required", "unsolved", "search_free", "search_required", "search_free"]

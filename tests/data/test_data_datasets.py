@@ -24,7 +24,7 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 def test_world_questions_convert_unchanged_and_actors_read_them(small_paths, tmp_path):
-    from actors.actor import load_questions
+    from actors.questions import load_questions
 
     out = convert_dataset(small_paths.questions, tmp_path / "q.parquet", "forage")
     original = pq.read_table(small_paths.questions).to_pylist()

@@ -339,7 +339,7 @@ def test_curate_mode_labels_an_image_folder_and_writes_a_balanced_subset(sft_run
     balanced = pq.read_table(out / "balanced.parquet").to_pylist()
     assert len(balanced) == summary["balanced"]
     if balanced:
-        from actors.actor import load_questions
+        from actors.questions import load_questions
 
         assert len(load_questions(out / "balanced.parquet", None)) == len(balanced)
         free = sum(r["search_label"] == "search_free" for r in balanced)
