@@ -15,22 +15,25 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.cluster import RayCluster, SocketAlias, configure_process_env
+from launcher.logs import STAGES, quiet_console
 from launcher.metrics import MemorySampler, stream_metrics
 from launcher.prepare import build_world_and_base_model, check_config, prepare_questions
-from launcher.run_folder import prepare_run_dir, record_model, write_manifest, write_summary
+from launcher.run_folder import prepare_run_dir, record_model, training_summary, write_manifest, write_summary
 from launcher.start import Roles
 from launcher.supervise import Supervisor
 
-log = logging.getLogger("forage.launch")
+log = logging.getLogger(STAGES)
 
 
 def main(cfg: DictConfig) -> int:
+    started = time.monotonic()
     run_dir = prepare_run_dir(cfg)
     sockets = SocketAlias(run_dir)
     configure_process_env(cfg.run, sockets.path)
@@ -39,6 +42,7 @@ def main(cfg: DictConfig) -> int:
     cluster: RayCluster | None = None
     roles: Roles | None = None
     supervisor: Supervisor | None = None
+    summary = ""  # the console's end of the run, printed last
     try:
         world = build_world_and_base_model(conf)
         cluster = RayCluster(conf["run"], run_dir, sockets.path)
@@ -47,7 +51,8 @@ def main(cfg: DictConfig) -> int:
         if cfg.algo.name == "sft":
             from launcher.warm_start import train_alone
 
-            return finish(train_alone(conf, roles, world, run_dir))
+            summary = train_alone(conf, roles, world, run_dir)
+            return 0
         from launcher.warm_start import prepare_model
 
         model_path = prepare_model(conf, roles, world, run_dir)
@@ -57,12 +62,15 @@ def main(cfg: DictConfig) -> int:
         if cfg.run.mode in ("eval", "curate"):
             from launcher.offline import run_offline
 
-            return finish(run_offline(conf, roles, model_path, questions, tools, sockets.path))
+            summary = run_offline(conf, roles, model_path, questions, tools, sockets.path)
+            return 0
         learner = roles.start_learner(model_path)
         roles.start_actors(model_path, questions, tools, learner, sockets.path)
         write_manifest(run_dir, roles.where)  # where every role runs, readable during the run (rewritten at the end)
         supervisor.start_training(int(cfg.run.max_steps))
-        return stream_metrics(conf["run"], run_dir, supervisor, memory, conf)
+        code = stream_metrics(conf["run"], run_dir, supervisor, memory, conf)
+        summary = training_summary(run_dir, cfg.run.out_dir, time.monotonic() - started)
+        return code
     except KeyboardInterrupt:
         log.warning("interrupted: stopping every role (actors flush, learner checkpoints, tool servers drain)")
         return 130
@@ -77,12 +85,8 @@ def main(cfg: DictConfig) -> int:
         sockets.remove()
         log.info("peak memory of all forage processes: %.2f GiB (PSS)", memory.peak_gib)
         write_summary(run_dir, memory.peak_gib)
-
-
-def finish(summary: str) -> int:
-    """The console's end-of-run summary of a mode that has no metrics loop (algo=sft, eval, curate)."""
-    print(f"\n{summary}")
-    return 0
+        if summary:
+            print(f"\n{summary}")
 
 
 def ignore_signals_while_stopping() -> None:
@@ -98,6 +102,7 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_entry(cfg: DictConfig) -> None:
     logging.getLogger().setLevel(str(cfg.run.log_level))
+    quiet_console(bool(cfg.run.verbose))
     check_config(cfg)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     code = main(cfg)

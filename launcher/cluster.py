@@ -12,7 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from launcher.logs import STAGES
+
 log = logging.getLogger(__name__)
+stage = logging.getLogger(STAGES)
 
 # What every Ray worker must inherit from launch.py's process (offline hubs, caches, temp dirs, import path).
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
@@ -110,7 +113,7 @@ class RayCluster:
             # The cluster's token comes from RAY_AUTH_TOKEN (or Ray's token file) as for any Ray client.
             ray.init(address=address, configure_logging=False, log_to_driver=True,
                      runtime_env={"env_vars": forwarded_env()})
-        log.info("ray %s: %d node(s), resources %s", "started" if address == "local" else f"joined at {address}",
+        stage.info("ray %s: %d node(s), resources %s", "started" if address == "local" else f"joined at {address}",
                  len([n for n in ray.nodes() if n.get("Alive")]), ray.cluster_resources())
 
     def shutdown(self) -> None:

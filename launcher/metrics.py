@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from launcher.logs import STAGES
 from launcher.progress import ProgressDisplay
 from launcher.sinks import Sinks
 
 log = logging.getLogger(__name__)
+stage = logging.getLogger(STAGES)
 
 PERCENTILES = ("p50", "p90", "p99")
 # Per-actor counters summed over actors (as actor_<name>); the supervisor carries a dead process's last values over to
@@ -118,7 +120,7 @@ def stream_metrics(run: Mapping[str, Any], run_dir: Path, supervisor: Any, memor
     max_steps = int(run["max_steps"])
     sinks = Sinks(run_dir, run, config)
     display = ProgressDisplay(max_steps, enabled=bool(run["progress"]))
-    log.info("metrics -> %s", ", ".join(sinks.names))
+    stage.info("training: metrics -> %s", ", ".join(sinks.names))
     steps, last_wall = 0, 0.0
     try:
         while True:
@@ -137,7 +139,7 @@ def stream_metrics(run: Mapping[str, Any], run_dir: Path, supervisor: Any, memor
                 display.update(row)
                 steps = int(row["step"])
             if finished and steps >= max_steps:
-                log.info("reached %d steps in %.0fs", steps, time.monotonic() - started)
+                stage.info("reached %d steps in %.0fs", steps, time.monotonic() - started)
                 return 0
             if time.monotonic() > deadline:
                 log.error("timed out after %.0fs at step %d of %d", run["timeout_s"], steps, max_steps)

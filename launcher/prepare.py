@@ -12,9 +12,10 @@ from omegaconf import DictConfig
 
 from data import WorldConfig, WorldPaths, ensure_world
 from data.datasets import convert_dataset
+from launcher.logs import STAGES
 from models import ModelConfig, ensure_base_model
 
-log = logging.getLogger("forage.launch")
+log = logging.getLogger(STAGES)
 MODES = ("async", "sync", "eval", "curate")
 DATASET_KEYS = ("path", "dataset", "image_root")  # keys of the data group that pick questions, not the world
 

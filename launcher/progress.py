@@ -7,7 +7,9 @@ import logging
 import sys
 from typing import Any, Callable, Mapping
 
-log = logging.getLogger("forage.progress")
+from launcher.logs import PROGRESS
+
+log = logging.getLogger(PROGRESS)
 
 
 def status_text(row: Mapping[str, Any]) -> str:

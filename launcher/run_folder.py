@@ -1,6 +1,7 @@
 """The run folder (`run.out_dir`) besides the metrics rows (launcher/metrics.py, sinks.py): created with the
 resolved config.yaml, then model.json (the model the run used), roles.json (where every role runs), summary.json
-(peak memory) and logs/ (launcher/logs.py). README "What a run writes" lists everything.
+(peak memory) and logs/ (launcher/logs.py); `training_summary` is the console's end of a training run. README
+"What a run writes" lists everything.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.logs import LOG_DIR, STAGES
+
 log = logging.getLogger(__name__)
+stage = logging.getLogger(STAGES)
 
 RUN_MODEL_FILE = "model.json"  # {"model_path": the model the run trained from (eval exports its checkpoints onto it)}
 
@@ -31,7 +35,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
         cfg.run.eval.checkpoint = str(Path(cfg.run.eval.checkpoint).resolve())
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("run folder: %s (mode %s)", run_dir, cfg.run.mode)
+    stage.info("run folder: %s (mode %s)", run_dir, cfg.run.mode)
     return run_dir
 
 
@@ -62,3 +66,19 @@ def write_manifest(run_dir: Path, where: Mapping[str, Any]) -> None:
 def write_summary(run_dir: Path, peak_mem_gib: float) -> None:
     """summary.json: peak memory (PSS) of all the run's processes."""
     (run_dir / "summary.json").write_text(json.dumps({"peak_mem_gib": round(peak_mem_gib, 3)}, indent=2) + "\n")
+
+
+def training_summary(run_dir: Path, shown: str | Path, seconds: float) -> str:
+    """The console's end-of-run summary of a training run: steps, the last row's reward, accuracy and search ratio,
+    and where the outputs are (`shown`: the run folder as the user named it)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    if not lines:
+        return f"no learner step finished in {seconds:.0f}s -> {shown} (logs in {Path(shown) / LOG_DIR})"
+    last = json.loads(lines[-1])
+    return (f"{int(last['step'])} step(s) in {seconds:.0f}s -> {shown}\n"
+            f"last step: policy v{int(last.get('policy_version', 0))}, reward {last.get('reward_mean', 0.0):.3f}, "
+            f"accuracy {last.get('accuracy', 0.0):.3f}, search ratio {last.get('search_ratio', 0.0):.3f}, "
+            f"staleness {last.get('staleness_mean', 0.0):.2f}\n"
+            f"metrics: {Path(shown) / 'metrics.jsonl'}  logs: {Path(shown) / LOG_DIR}/  "
+            f"plots: python -m launcher.plots {shown}")

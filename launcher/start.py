@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from launcher.logs import STAGES, logged_actor, logged_task, role_log_dir
 from launcher.placement import Placement, advertised, bundle, resource_options, where_am_i
 
 log = logging.getLogger(__name__)
+stage = logging.getLogger(STAGES)
 
 
 class Roles:
@@ -29,6 +31,7 @@ class Roles:
         self.learner_ranks: list[Any] = []
         self.actors: list[Any] = []
         self.where: dict[str, list[dict[str, Any]]] = {"tool_servers": [], "learner": [], "actors": []}
+        self.log_dir = role_log_dir(cfg["run"])  # <run>/logs: each role's output (None: to the console)
 
     def start_tool_servers(self, world: Any) -> dict[str, list[str]]:
         """`replicas` servers per tool, spread over the nodes; returns {tool: [endpoint, ...]}."""
@@ -38,22 +41,22 @@ class Roles:
         cfg, run = self.cfg, self.cfg["run"]
         corpora = {"image_search": str(world.image_corpus), "text_search": str(world.text_corpus)}
         token = tool_token(cfg["tool_servers"])
-        remote = self._ray.remote(ToolServerRole).options(scheduling_strategy="SPREAD",
-                                                           **resource_options(self.placement.spec("tool_servers")))
+        options = {"scheduling_strategy": "SPREAD", **resource_options(self.placement.spec("tool_servers"))}
         endpoints: dict[str, list[str]] = {}
         for tool, section in TOOL_SECTIONS.items():
             backend_cfg = dict(cfg["tool_servers"][section])
             backend_cfg["corpus"] = backend_cfg.get("corpus") or corpora[tool]
-            replicas = [remote.remote(tool, backend_cfg, f"tcp://{run['bind_host']}:*",
-                                      limits=cfg["tool_servers"]["limits"], token=token)
-                        for _ in range(int(backend_cfg["replicas"]))]
+            replicas = [self._ray.remote(logged_actor(ToolServerRole, f"{tool}{i}", self.log_dir)).options(**options)
+                        .remote(tool, backend_cfg, f"tcp://{run['bind_host']}:*", limits=cfg["tool_servers"]["limits"],
+                                token=token)
+                        for i in range(int(backend_cfg["replicas"]))]
             self.tool_servers += replicas
             self.tool_names += [tool] * len(replicas)
             bound = self._ray.get([r.start.remote() for r in replicas])
             places = self._where(replicas)
             endpoints[tool] = [advertised(e, p["node_ip"]) for e, p in zip(bound, places)]
             self.where["tool_servers"] += [{**p, "tool": tool, "endpoint": e} for p, e in zip(places, endpoints[tool])]
-        log.info("tool servers up: %s", endpoints)
+        stage.info("tool servers up: %s", endpoints)
         return endpoints
 
     def start_learner(self, model_path: Path) -> dict[str, str]:
@@ -64,9 +67,9 @@ class Roles:
         world_size = int(cfg["learner"]["world_size"])
         group, master, port = self.placement.rank_world("learner", world_size)
         learner_cfg = {"learner": dict(cfg["learner"]), "algo": dict(cfg["algo"])}
-        remote = self._ray.remote(LearnerRank)
         self.learner_ranks = [
-            remote.options(max_concurrency=4, **self.placement.rank_options(group, rank))
+            self._ray.remote(logged_actor(LearnerRank, f"learner{rank}", self.log_dir))
+            .options(max_concurrency=4, **self.placement.rank_options(group, rank))
             .remote(rank, world_size, master, port, str(model_path), learner_cfg)
             for rank in range(world_size)
         ]
@@ -76,7 +79,7 @@ class Roles:
         rank0_ip = self.where["learner"][0]["node_ip"]
         endpoints = {k: advertised(v, rank0_ip) if k in ("trajectories", "weights") else v
                      for k, v in endpoints.items()}
-        log.info("learner up: %d rank(s) (master %s:%d), endpoints %s", world_size, master, port, endpoints)
+        stage.info("learner up: %d rank(s) (master %s:%d), endpoints %s", world_size, master, port, endpoints)
         return endpoints
 
     def start_actors(self, model_path: Path, questions: Path, tools: dict[str, list[str]],
@@ -90,22 +93,23 @@ class Roles:
         count = int(cfg["actors"]["num_actors"])
         group = self.placement.group("actors", [bundle(spec)] * count, str(spec["strategy"]))
         actor_cfg = {"actors": dict(cfg["actors"]), "algo": dict(cfg["algo"])}
-        remote = self._ray.remote(RolloutActor)
         self.actors = [
-            remote.options(**actor_restart_options(cfg["run"]), **resource_options(spec), **Placement.options(group, i))
+            self._ray.remote(logged_actor(RolloutActor, f"actor{i}", self.log_dir))
+            .options(**actor_restart_options(cfg["run"]), **resource_options(spec), **Placement.options(group, i))
             .remote(f"actor{i}", str(model_path), str(questions), tools, learner, actor_cfg, str(run_dir))
             for i in range(count)
         ]
         self._ray.get([a.start.remote() for a in self.actors])
         self.where["actors"] = [{**p, "actor_id": f"actor{i}"} for i, p in enumerate(self._where(self.actors))]
-        log.info("%d rollout actor(s) ready", len(self.actors))
+        stage.info("%d rollout actor(s) ready", len(self.actors))
 
     def run_offline(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run `fn` (eval or curate: one engine, no learner) in a Ray task placed like a rollout actor; block until
         it returns (Ctrl-C cancels it)."""
         spec = self.placement.spec("actors")
         group = self.placement.group(name, [bundle(spec)], "PACK")
-        task = self._ray.remote(fn).options(max_retries=0, **resource_options(spec), **Placement.options(group, 0))
+        task = self._ray.remote(logged_task(fn, name, self.log_dir))
+        task = task.options(max_retries=0, **resource_options(spec), **Placement.options(group, 0))
         ref = task.remote(*args, **kwargs)
         try:
             return self._ray.get(ref)

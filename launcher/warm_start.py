@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from data.world import WorldPaths
+from launcher.logs import STAGES, logged_actor
 from launcher.progress import ProgressDisplay
 from launcher.run_folder import record_model
 from launcher.sinks import JsonlSink, Sinks
@@ -24,7 +25,7 @@ from models.ensure import (
 )
 
 log = logging.getLogger(__name__)
-stage = logging.getLogger("forage.launch")  # start-up stages: one console line each (launcher/logs.py)
+stage = logging.getLogger(STAGES)  # start-up stages: one console line each (launcher/logs.py)
 
 # (base model folder, world root, out folder, {"learner": ..., "sft": ...}, dtype) -> report; learner.sft's
 # run_sft_local (ranks spawned on this machine) by default, `RaySftRunner` in launch.py.
@@ -141,9 +142,10 @@ class RaySftRunner:
 
         world_size = int(cfg["learner"].get("world_size", 1))
         steps = int(cfg["sft"].get("steps", 0))
-        group, master, port = self.roles.rank_world("sft", world_size)
-        remote = ray.remote(SftRank)
-        ranks = [remote.options(max_concurrency=2, **self.roles.rank_options(group, r))
+        placement = self.roles.placement
+        group, master, port = placement.rank_world("sft", world_size)
+        ranks = [ray.remote(logged_actor(SftRank, f"warm_start{r}", self.roles.log_dir))
+                 .options(max_concurrency=2, **placement.rank_options(group, r))
                  .remote(r, world_size, master, port, str(base), str(world_root), cfg) for r in range(world_size)]
         log.info("warm start: %d step(s) on %d rank(s) from %s", steps, world_size, base)
         display = ProgressDisplay(steps, enabled=self.progress, status=sft_status, label="warm start",
