@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from launcher.logs import STAGES
+from launcher.logs import STAGES, adopt_ray_logger
 
 log = logging.getLogger(__name__)
 stage = logging.getLogger(STAGES)
@@ -94,6 +94,7 @@ class RayCluster:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         import ray
 
+        adopt_ray_logger(bool(run.get("verbose")))
         self._ray = ray
         self.address = address
         if address == "local":

@@ -76,6 +76,17 @@ def quiet_console(verbose: bool) -> None:
             handler.setFormatter(_ConsoleFormat())
 
 
+def adopt_ray_logger(verbose: bool) -> None:
+    """Ray's `ray` logger prints to stderr through its own handler and does not propagate; on a quiet console its
+    records go through ours instead (launcher.log; the console only for errors). Call after `import ray`."""
+    if verbose:
+        return
+    logger = logging.getLogger("ray")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+
+
 def role_log_dir(run: dict[str, Any]) -> Path | None:
     """<run>/logs when the console is quiet, None when `run.verbose` (roles then write to the console as before)."""
     return None if run.get("verbose") else Path(run["out_dir"]) / LOG_DIR

@@ -175,6 +175,14 @@ def test_scaled_async_run_places_every_role_and_writes_every_sink(scaled_run):
     assert (run.out / "checkpoints" / "step_00000002" / "learner_state.json").is_file()  # final checkpoint
     summary = json.loads((run.out / "summary.json").read_text())
     assert 0 < summary["peak_mem_gib"] < 16
+    # A quiet console: stage lines, progress and the summary; every role's (and library's) output in <run>/logs/
+    logs = run.out / "logs"
+    names = {p.name for p in logs.iterdir()} - {"warm_start0.log"}  # that one only when this launch warm-started
+    assert names == {"launcher.log", "actor0.log", "actor1.log", "learner0.log", "learner1.log", "image_search0.log",
+                     "image_search1.log", "text_search0.log", "text_search1.log"}, names
+    assert "EngineCore" in (logs / "actor0.log").read_text() and "EngineCore" not in run.output
+    assert "learner up: 2 rank(s)" in run.output and "step 2/2" in run.output
+    assert "2 step(s) in" in run.output and "/metrics.jsonl  logs: " in run.output
     warm = run.out / "warm_start.jsonl"
     if warm.exists():  # a fresh cache (CI's clean clone): this launch ran the tiny model's warm start on Ray
         steps = [json.loads(line)["step"] for line in warm.read_text().splitlines()]
