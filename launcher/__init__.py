@@ -1,2 +1,3 @@
-"""Run-level helpers of launch.py: Ray cluster and placement, roles, metrics sinks, progress, eval/curate, plots.
-May import the role packages; no role imports it."""
+"""launch.py's launcher: the Ray cluster and placement, starting and supervising the roles, the warm start, run
+outputs (metrics, progress, logs, the run folder) and the offline modes (eval, curate); one file per job. The top
+floor of docs/architecture.md: it may import every package, and no role imports it."""

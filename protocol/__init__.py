@@ -1,6 +1,6 @@
 """forage's shared vocabulary: message structs, the msgpack codec, wire arrays and ZMQ socket helpers.
 
-Imports nothing else of forage; every other package imports it.
+Imports nothing else of forage; every other package imports it (the ground floor, docs/architecture.md).
 """
 from protocol.arrays import check_ndarray, from_ndarray, to_ndarray
 from protocol.codec import decode, encode
