@@ -1,48 +1,16 @@
-"""Eval and curate without a learner: a learner checkpoint exported to a model folder (weights equal), the
-no-search variant of the actor config, and the whole curate path with a scripted engine and fake image search."""
+"""Eval and curate without a learner: the no-search variant of the actor config, the whole curate path with a
+scripted engine and fake image search, and which model a checkpoint is exported onto (the export itself:
+tests/learner/test_learner_checkpoint_export.py)."""
 from __future__ import annotations
 
 import asyncio
 import json
-import warnings
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
-import torch
 
 from launcher.offline import curate, curate_table, without_search
-from learner.checkpoint import export_checkpoint, find_checkpoint
 from testkit import solid_png
-
-
-def test_a_learner_checkpoint_exports_to_a_loadable_model_folder(tiny_model_dir, tmp_path):
-    import torch.distributed.checkpoint as dcp
-    from transformers import AutoModelForImageTextToText
-
-    from learner.checkpoint import STATE_FILE
-
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5)  # "trained" weights that differ from the base folder's
-    step = tmp_path / "checkpoints" / "step_00000003"
-    with warnings.catch_warnings():  # single-process save: DCP warns that no process group exists
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model.state_dict(), "optim": {}}, checkpoint_id=str(step))  # the learner's layout
-    (step / STATE_FILE).write_text("{}")
-    assert find_checkpoint(tmp_path / "checkpoints") == step  # a root means its newest checkpoint
-    assert find_checkpoint(step) == step
-    with pytest.raises(FileNotFoundError, match="neither a learner checkpoint"):
-        find_checkpoint(tmp_path)
-
-    out = export_checkpoint(step, tiny_model_dir, tmp_path / "exported")
-    reloaded = AutoModelForImageTextToText.from_pretrained(out)
-    expected = model.state_dict()
-    for name, tensor in reloaded.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
-    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
-    assert json.loads((out / "forage_checkpoint.json").read_text())["checkpoint"] == str(step)
 
 
 def test_without_search_disallows_every_search_and_keeps_the_rest():
