@@ -17,11 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
-from actors.questions import load_questions
 from actors.config import ActorConfig
 from actors.episode import EpisodeResult, Question, ToolCaller, run_episode
-from episode.tokenizer import EpisodeTokenizer
+from actors.questions import load_questions
 from actors.reward import compute_reward
+from episode.tokenizer import EpisodeTokenizer
 from episode.turns import last_answer
 from protocol.metrics import Metrics
 

@@ -2,10 +2,11 @@
 
 Quiet console (the default): the console shows the start-up stages one line each (logger `forage.launch`), the
 progress bar (or one line per step), forage's warnings and errors from any role prefixed with the role (and any
-library's errors), and the end-of-run summary. Everything else goes to files (library warnings included): the launcher's own log to <run>/logs/launcher.log (conf/hydra/job_logging/
-forage.yaml), and each role process's whole output (its logs and its libraries': vLLM, Ray, torch, transformers;
-prints and C-level output, its child processes' too, e.g. vLLM's engine core) to <run>/logs/<role>.log, e.g.
-actor0.log, learner0.log, image_search0.log, warm_start0.log, eval.log.
+library's errors), and the end-of-run summary. Everything else goes to files (library warnings included): the
+launcher's own log to <run>/logs/launcher.log (conf/hydra/job_logging/forage.yaml), and each role process's whole
+output (its logs and its libraries': vLLM, Ray, torch, transformers; prints and C-level output, its child
+processes' too, e.g. vLLM's engine core) to <run>/logs/<role>.log, e.g. actor0.log, learner0.log, image_search0.log,
+warm_start0.log, eval.log.
 
 `run.verbose=true` streams everything to the console as before (launcher.log is still written).
 """

@@ -29,8 +29,8 @@ import torch.distributed as dist
 
 from data.oracle import OracleConfig
 from data.trajectories import OracleStream
-from episode.tokenizer import EpisodeTokenizer
 from data.world import WorldPaths, load_world
+from episode.tokenizer import EpisodeTokenizer
 from learner.config import AlgoConfig, LearnerConfig, _from_dict
 from learner.packing import Sample
 from learner.role import join_world, rank_device

@@ -224,7 +224,8 @@ def test_the_checker_sees_a_role_reached_through_data_a_lazy_import_and_a_packag
         "tool_servers/server.py": "", "tool_servers/client.py": "",
     })
     violations = rule_violations(import_graph(tmp_path))
-    assert any(v.startswith("learner/ may not import actors/: learner.sft -> data.oracle -> actors") for v in violations)
+    assert any(v.startswith("learner/ may not import actors/: learner.sft -> data.oracle -> actors")
+               for v in violations)
     assert any(v.startswith("data/ may not import actors/") for v in violations)
     assert any(v.endswith("client library (client, errors, discovery): actors.actor -> tool_servers -> "
                           "tool_servers.server") for v in violations)

@@ -17,12 +17,12 @@ import zmq
 import zmq.asyncio
 from PIL import Image
 
-from episode import prompts
 from actors.engine import TurnOutput, TurnRequest
+from episode import prompts
 from protocol import (LearnerInbound, NamedArray, ToolError, ToolItem, ToolReply, WeightBucket, decode, encode,
                       to_ndarray)
-from protocol.sockets import bind, configure
 from protocol.images import encode_png
+from protocol.sockets import bind, configure
 
 WORDS = ("red blue green round square star circle shape colour name fact town river built year tall "
          "small large object picture animal plant stone metal wood glass old new north south east west").split()

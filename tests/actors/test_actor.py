@@ -12,11 +12,11 @@ import pytest
 from safetensors.torch import load_file
 
 from actors.actor import RolloutActor
-from actors.questions import QuestionOrder, load_questions
 from actors.engine import EngineError, TurnOutput, TurnRequest
+from actors.questions import QuestionOrder, load_questions
 from actors.spool import Grant, GroupSpool
-from episode.tokenizer import EpisodeTokenizer
 from actors_helpers import FakeLearner, FakeTools, solid_image, weight_buckets
+from episode.tokenizer import EpisodeTokenizer
 from protocol import (AdmissionRelease, AdmissionReply, AdmissionRequest, GroupAck, TrajectoryGroup, WeightNone,
                       WeightQuery, from_ndarray)
 from protocol.images import encode_png

@@ -7,16 +7,16 @@ import asyncio
 import numpy as np
 import pytest
 
-from episode import prompts
 from actors.config import EpisodeConfig, SamplingConfig
 from actors.engine import EngineError, EngineHung
 from actors.episode import Question, first_prompt_length, run_episode
 from actors.reward import compute_reward
 from actors_helpers import FakeTools, ScriptedEngine, solid_image
+from episode import prompts
 from protocol import TrajectoryGroup, decode, encode, from_ndarray
+from protocol.images import encode_png
 from protocol.metrics import Metrics
 from protocol.sockets import free_port
-from protocol.images import encode_png
 
 SAMPLING = SamplingConfig()
 

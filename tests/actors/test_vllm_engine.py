@@ -22,10 +22,10 @@ from actors.actor import RolloutActor
 from actors.config import EngineConfig, EpisodeConfig, SamplingConfig
 from actors.engine import TurnRequest, VllmEngine, weight_transfer_requests
 from actors.episode import Question, run_episode
-from episode.tokenizer import EpisodeTokenizer
 from actors.transport import WeightUpdate
 from actors.weights import WeightApplier
 from actors_helpers import FakeLearner, FakeTools, solid_image
+from episode.tokenizer import EpisodeTokenizer
 from protocol import (AdmissionReply, AdmissionRequest, GroupAck, TrajectoryGroup, WeightAnnounce, WeightNone,
                       WeightQuery, from_ndarray)
 from protocol.images import decode_image, encode_png

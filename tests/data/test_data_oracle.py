@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from episode import prompts
 from data.oracle import OracleConfig, oracle_episode, oracle_episodes, oracle_texts
+from episode import prompts
 from episode.oracle import episode_messages
 from episode.turns import IMAGE_SEARCH, TEXT_SEARCH
 

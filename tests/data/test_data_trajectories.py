@@ -11,13 +11,12 @@ import pytest
 from actors.config import EpisodeConfig, SamplingConfig
 from actors.engine import TurnOutput, TurnRequest
 from actors.episode import Question, run_episode
-from episode.tokenizer import EpisodeTokenizer
 from data.oracle import OracleConfig, oracle_episode
 from data.trajectories import OracleStream
 from episode.oracle import oracle_trajectory
-from episode.tokenizer import expand_placeholders
-from warmstart_reference import encode_episode
+from episode.tokenizer import EpisodeTokenizer, expand_placeholders
 from protocol import ToolItem, ToolReply, from_ndarray
+from warmstart_reference import encode_episode
 
 KINDS = ("pixels", "image_search", "image_text_search", "text_search")
 

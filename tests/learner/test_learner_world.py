@@ -25,8 +25,8 @@ from protocol import (
     from_ndarray,
     to_ndarray,
 )
-from protocol.weights import assemble_weight_buckets
 from protocol.sockets import free_port
+from protocol.weights import assemble_weight_buckets
 
 CFG = {
     "learner": {"world_size": 2, "lr": 1e-2, "grad_clip": 1.0, "micro_batch_tokens": 40, "weight_bucket_mb": 0.05,

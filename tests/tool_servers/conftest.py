@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ts_helpers import NUM_IMAGES, PAGES, draw_entity
 from protocol.images import encode_png
+from ts_helpers import NUM_IMAGES, PAGES, draw_entity
 
 
 @pytest.fixture(scope="session")

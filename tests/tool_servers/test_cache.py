@@ -7,13 +7,12 @@ import contextlib
 import pytest
 
 from protocol import ToolItem
+from protocol.images import encode_png
+from tool_servers.cache import CacheConfig, ResultCache, cache_key, normalise_query
 from tool_servers.client import ToolClient
 from tool_servers.errors import ToolCallError
-from tool_servers.server import ToolServer, ToolServerRole
-from tool_servers.cache import CacheConfig, ResultCache, cache_key, normalise_query
-from tool_servers.server import cache_namespace
+from tool_servers.server import ToolServer, ToolServerRole, cache_namespace
 from ts_helpers import FakeBackend, draw_entity, run
-from protocol.images import encode_png
 
 
 def items(*titles: str) -> list[ToolItem]:

@@ -13,13 +13,13 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tool_servers.server import ToolServer
+from protocol.images import encode_png
 from tool_servers.backends.local_image import LocalImageSearch
 from tool_servers.backends.local_text import LocalTextSearch
-from tool_servers.gateway import ToolGateway, start_gateway, wire_args
 from tool_servers.errors import ToolCallError
+from tool_servers.gateway import ToolGateway, start_gateway, wire_args
+from tool_servers.server import ToolServer
 from ts_helpers import FakeBackend, draw_entity, perturb, run
-from protocol.images import encode_png
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 
 from protocol import ToolOutbound, ToolRequest, decode, encode
-from tool_servers.client import ToolClient
-from tool_servers.limits import ServerLimits
+from protocol.images import encode_png
 from tool_servers.backends.local_image import LocalImageSearch
 from tool_servers.backends.local_text import LocalTextSearch
+from tool_servers.client import ToolClient
+from tool_servers.limits import ServerLimits
 from ts_helpers import code_of, draw_entity, exchange, raw_peer, request, run, serving
-from protocol.images import encode_png
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,8 +75,8 @@ def test_a_50_megapixel_image_is_refused_from_its_header(backends):
             reply = await exchange(peer, frame)
             assert code_of(reply) == "too_large" and "8000x6250" in reply.error.message
             assert time.monotonic() - start < 0.5  # refused from the header: never decoded
-            assert code_of(await exchange(peer, request(tool="image_search", args={"image": encode_png(draw_entity(2))}))) \
-                == "ok"
+            good = request(tool="image_search", args={"image": encode_png(draw_entity(2))})
+            assert code_of(await exchange(peer, good)) == "ok"
     run(main())
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ts_helpers import NUM_IMAGES, PAGES, draw_entity, perturb
+from protocol.images import encode_png
 from tool_servers.backends import build_backend
 from tool_servers.backends.local_image import LocalImageSearch
 from tool_servers.backends.local_text import BM25Index, LocalTextSearch, cut_text, load_pages, tokenize
@@ -23,7 +23,7 @@ from tool_servers.cache import CacheConfig
 from tool_servers.corpus import build_wiki_corpus, wiki_pages
 from tool_servers.errors import ToolCallError
 from tool_servers.limits import ServerLimits
-from protocol.images import encode_png
+from ts_helpers import NUM_IMAGES, PAGES, draw_entity, perturb
 
 REPO = Path(__file__).resolve().parents[2]
 

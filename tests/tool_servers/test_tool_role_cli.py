@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import zmq
 
+from protocol.images import encode_png
 from tool_servers.client import SyncToolClient
+from tool_servers.discovery import read_discovery
 from tool_servers.errors import ToolCallError
 from tool_servers.server import ToolServerRole
-from tool_servers.discovery import read_discovery
 from ts_helpers import draw_entity, perturb
-from protocol.images import encode_png
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,13 +10,13 @@ import zmq
 import zmq.asyncio
 
 from protocol import StatsRequest, ToolOutbound, ToolReply, decode, encode
+from tool_servers.backends.local_image import LocalImageSearch
+from tool_servers.backends.local_text import LocalTextSearch
 from tool_servers.client import ToolClient
+from tool_servers.discovery import read_discovery, register, unregister
 from tool_servers.errors import ToolCallError
 from tool_servers.limits import ServerLimits
 from tool_servers.server import ToolServer
-from tool_servers.backends.local_image import LocalImageSearch
-from tool_servers.backends.local_text import LocalTextSearch
-from tool_servers.discovery import read_discovery, register, unregister
 from ts_helpers import (
     NUM_IMAGES,
     PAGES,

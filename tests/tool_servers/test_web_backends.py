@@ -9,14 +9,14 @@ import time
 import pytest
 from PIL import Image
 
+from fake_web import API_KEY, FakeWeb
+from protocol.sockets import free_port
+from testkit import solid_png
+from tool_servers.backends.web import HttpClient, HttpLimits, TokenBucket, WebImageSearch, WebTextSearch
 from tool_servers.client import ToolClient
 from tool_servers.errors import ToolCallError
 from tool_servers.server import ToolServer
-from tool_servers.backends.web import HttpClient, HttpLimits, TokenBucket, WebImageSearch, WebTextSearch
-from fake_web import API_KEY, FakeWeb
 from ts_helpers import run
-from protocol.sockets import free_port
-from testkit import solid_png
 
 FAST = {"timeout_s": 0.3, "retries": 2, "backoff_s": 0.01, "rate_per_s": 0}  # quick faults, no throttling
 
