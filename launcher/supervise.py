@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.logs import STAGES
 from launcher.metrics import ACTOR_COUNTERS
 from launcher.placement import where_am_i
 from launcher.start import Roles, actor_restart_options
 
 log = logging.getLogger(__name__)
+stage = logging.getLogger(STAGES)  # a restart's end is a console line, as its start (an error) is
 
 PROBE_EVERY_S = 1.0  # how often a restarting actor is asked whether Ray has brought its process back
 
@@ -155,7 +157,7 @@ class Supervisor:
                 if exc is None:
                     self.actor_runs[i] = self.roles.actors[i].run.remote()
                     watch.phase = "running"
-                    log.info("%s: back %.0f s after its process died (restart %d of %d); its spool resends what "
+                    stage.info("%s: back %.0f s after its process died (restart %d of %d); its spool resends what "
                              "the dead process left", watch.actor_id, now - watch.died_at, watch.restarts,
                              actor_restart_options(self.cfg["run"])["max_restarts"])
                 elif self._is_death(exc):
