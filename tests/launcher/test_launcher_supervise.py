@@ -81,7 +81,8 @@ def make_supervisor(folders: list[Path], max_restarts: int) -> Supervisor:
 
     from launcher.placement import where_am_i
 
-    run = {"placement_timeout_s": 60, "actor_max_restarts": max_restarts, "placement": {}}
+    # verbose: the stand-ins are created here, not through Roles.start_*, so no role logs are routed
+    run = {"placement_timeout_s": 60, "actor_max_restarts": max_restarts, "placement": {}, "verbose": True}
     roles = Roles({"run": run})
     remote = ray.remote(StandInActor).options(num_cpus=0, **actor_restart_options(run))
     roles.actors = [remote.remote(str(folder)) for folder in folders]
