@@ -18,8 +18,9 @@ _SENTINEL = "\u2063forage-turn-end\u2063"  # stands in for an assistant turn's c
 class EpisodeTokenizer:
     """Token ids of the prompt pieces an episode appends, rendered with the model's own chat template."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, prompt: prompts.PromptFormat = prompts.DEFAULT_FORMAT) -> None:
         self.processor = processor
+        self.prompt = prompt
         self.tokenizer = processor.tokenizer
         vocab = self.tokenizer.get_vocab()
         self.image_pad_id = vocab["<|image_pad|>"]
@@ -36,14 +37,19 @@ class EpisodeTokenizer:
         for tok in ("<|im_end|>", self.tokenizer.eos_token):
             if tok and tok in vocab and vocab[tok] not in self.stop_token_ids:
                 self.stop_token_ids.append(vocab[tok])
+        # Where a forced turn's reason ends (actors.episode.run_episode's `workflow`): the same rule as the stops.
+        reason_close = self.tokenizer.encode(prompts.REASON_CLOSE, add_special_tokens=False)
+        self.reason_stop_ids = reason_close if len(reason_close) == 1 else []
+        self.reason_stop_strings = [] if len(reason_close) == 1 else [prompts.REASON_CLOSE]
         image_processor = processor.image_processor
         self._merge = int(getattr(image_processor, "merge_size", 1)) ** 2
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path) -> "EpisodeTokenizer":
+        """The model folder's processor, with the prompt format the folder records (prompts.format_of_model)."""
         from transformers import AutoProcessor
 
-        return cls(AutoProcessor.from_pretrained(str(model_path)))
+        return cls(AutoProcessor.from_pretrained(str(model_path)), prompts.format_of_model(model_path))
 
     def _encode(self, text: str, images: int, what: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -54,13 +60,18 @@ class EpisodeTokenizer:
 
     def first_prompt(self, question: str) -> list[int]:
         """The first user turn plus the generation prompt, with one placeholder for the question's image."""
-        text = self.processor.apply_chat_template([prompts.first_user_message(question)], tokenize=False,
+        text = self.processor.apply_chat_template([self.prompt.first_user_message(question)], tokenize=False,
                                                   add_generation_prompt=True)
         return self._encode(text, 1, "first prompt")
 
+    def text_prompt(self, message: dict) -> list[int]:
+        """A first user turn without images (`message` in HF chat format) plus the generation prompt."""
+        text = self.processor.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+        return self._encode(text, 0, "text prompt")
+
     def continuation(self, results: list[tuple[str, str, bool]]) -> list[int]:
         """Tokens that close the assistant turn, then the <information> user turn and the generation prompt."""
-        return self.continuation_with(prompts.information_message(results),
+        return self.continuation_with(self.prompt.information_message(results),
                                       sum(has_image for _, _, has_image in results))
 
     def continuation_with(self, message: dict, images: int = 0) -> list[int]:

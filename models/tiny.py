@@ -15,6 +15,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from episode import prompts
 from models.tokenizer import (
     ENDOFTEXT, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, CHAT_TEMPLATE, train_tokenizer,
 )
@@ -50,10 +51,14 @@ class TinyModelConfig:
     # Images are resized so their pixel count lies in [min, max]; 56*56 both ways gives every image 4 tokens.
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 56 * 56
+    # The episode's prompt format (episode/prompts.py), recorded in the folder: compact for the tiny model, which
+    # learns the protocol from its warm start rather than from instructions.
+    prompt: str = "compact"
 
     def validate(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r}; known: {FAMILIES}")
+        prompts.prompt_format(self.prompt)
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
                              f"num_kv_heads={self.num_kv_heads}: heads must divide hidden and kv heads divide heads")
@@ -131,8 +136,9 @@ def build_tiny_model(cfg: TinyModelConfig, texts: Iterable[str], out_dir: Path |
     cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fmt = prompts.prompt_format(cfg.prompt)
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, min_frequency=cfg.tokenizer_min_frequency,
-                                model_max_length=cfg.max_position_embeddings)
+                                model_max_length=cfg.max_position_embeddings, fmt=fmt)
     config = model_config(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
     cls = Qwen2_5_VLForConditionalGeneration if cfg.family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
@@ -142,6 +148,7 @@ def build_tiny_model(cfg: TinyModelConfig, texts: Iterable[str], out_dir: Path |
         bos_token_id=config.text_config.bos_token_id, do_sample=False)
     model.save_pretrained(out_dir)
     make_processor(cfg, tokenizer).save_pretrained(out_dir)
+    prompts.write_format(out_dir, fmt)
     log.info("built %s: %d parameters, vocab %d -> %s", cfg.family, sum(p.numel() for p in model.parameters()),
              len(tokenizer), out_dir)
     return out_dir

@@ -43,24 +43,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def prompt_texts() -> list[str]:
-    """Fixed texts every episode shows (instructions, result captions, chat roles)."""
-    return [
-        prompts.first_user_text(""), prompts.INSTRUCTION, prompts.CONTINUE_INSTRUCTION, prompts.NO_RESULTS,
-        prompts.image_result_text(""), prompts.text_result_text("", ""), prompts.SEARCH_ERROR, prompts.SEARCH_LIMIT,
-        "system\n", "user\n", "assistant\n",
-    ]
+def prompt_texts(fmt: prompts.PromptFormat = prompts.DEFAULT_FORMAT) -> list[str]:
+    """Fixed texts every episode of format `fmt` shows (instructions, result captions, chat roles)."""
+    return [*fmt.texts(), "system\n", "user\n", "assistant\n"]
 
 
-def _training_stream(texts: Iterable[str], prompt_repeats: int) -> Iterator[str]:
+def _training_stream(texts: Iterable[str], prompt_repeats: int, fmt: prompts.PromptFormat) -> Iterator[str]:
     yield from texts
     # The prompts are in every episode, so weight them like the frequent text they are.
     for _ in range(prompt_repeats):
-        yield from prompt_texts()
+        yield from prompt_texts(fmt)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 24,
-                    prompt_repeats: int = 50, model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+                    prompt_repeats: int = 50, model_max_length: int = 4096,
+                    fmt: prompts.PromptFormat = prompts.DEFAULT_FORMAT) -> PreTrainedTokenizerFast:
     """Trains the BPE on `texts` (plus the prompt texts) and wraps it as a Qwen-compatible fast tokenizer.
 
     `min_frequency` is above the number of times any one entity name occurs in the world, so no name becomes a
@@ -76,7 +73,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency:
         vocab_size=vocab_size - len(prompts.TAGS), min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False)
-    tok.train_from_iterator(_training_stream(texts, prompt_repeats), trainer)
+    tok.train_from_iterator(_training_stream(texts, prompt_repeats, fmt), trainer)
     # Tags are ordinary (non-special) added tokens: matched whole before BPE, and kept by decode(skip_special...).
     tok.add_tokens([AddedToken(tag, normalized=False, special=False) for tag in prompts.TAGS])
     fast = PreTrainedTokenizerFast(

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from data.oracle import OracleConfig, image_hits, text_hits
-from data.world import KINDS, World, WorldPaths, load_world
+from data.oracle import OracleConfig
+from data.world import KINDS, WorldPaths, load_world
 from episode import prompts
-from episode.answers import answer_matches, normalize_answer
+from episode.answers import answer_matches
 from episode.oracle import OracleEpisode, SearchHit, episode_messages
 from episode.turns import ORACLE_TURN_RE
 from models.tokenizer import IM_END, IM_START
@@ -70,8 +70,9 @@ def encode_messages(processor, messages: list[dict], images: list[bytes]) -> Enc
                           pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
 
 
-def encode_episode(processor, episode: OracleEpisode) -> EncodedEpisode:
-    messages, images = episode_messages(episode)
+def encode_episode(processor, episode: OracleEpisode,
+                   fmt: prompts.PromptFormat = prompts.DEFAULT_FORMAT) -> EncodedEpisode:
+    messages, images = episode_messages(episode, fmt)
     return encode_messages(processor, messages, images)
 
 
@@ -106,32 +107,28 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: greedy multi-turn episodes with simulated tools.
 
-def _simulated_text_search(world: World, query: str, cfg: OracleConfig,
-                           rng: np.random.Generator) -> tuple[SearchHit, ...]:
-    """The page of the first world name in `query` (+ distractors), or nothing when the query names no entity."""
-    words = normalize_answer(query).split()
-    named = next((world.entities[w] for w in words if w in world.entities), None)
-    if named is None:
-        return ()
-    return text_hits(world, named, cfg, rng)
-
-
 def evaluate_warmstart(model_dir: Path | str, world_paths: WorldPaths, split: str = "test", per_kind: int = 16,
-                       max_turns: int = 4, max_new_tokens: int = 48, seed: int = 0) -> dict:
+                       max_turns: int = 4, max_new_tokens: int = 48, oracle_cfg: OracleConfig | None = None
+                       ) -> dict:
     """Greedy (transformers generate) multi-turn episodes on `per_kind` questions of each kind of `split`.
 
-    Tools are simulated: image search returns the question entity's copies first (as a perfect index would),
-    text search returns the page of the entity the query names. Returns rates overall and per kind:
-    format (every turn `<reason>..</reason>` + one action, ends with an answer), accuracy, search rate and
-    mean searches.
+    Tools are the local search backends in this process (what the tool servers run), with the oracle's settings
+    (`oracle_cfg`: hits per search, snippets). Returns rates overall and per kind: format (every turn
+    `<reason>..</reason>` + one action, ends with an answer), accuracy, search rate and mean searches.
     """
+    from tool_servers.backends.local_image import LocalImageSearch
+    from tool_servers.backends.local_text import LocalTextSearch
+
+    oracle_cfg = oracle_cfg or OracleConfig()
+    image_tool = LocalImageSearch(world_paths.image_corpus, top_k=oracle_cfg.image_results)
+    text_tool = LocalTextSearch(world_paths.text_corpus, top_k=oracle_cfg.text_results,
+                                max_chars=oracle_cfg.text_chars, snippet_sentences=oracle_cfg.snippet_sentences)
+    fmt = prompts.format_of_model(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = processor.tokenizer
     stop_ids = [tok.convert_tokens_to_ids(t) for t in (*prompts.TURN_STOPS, IM_END)]
     world = load_world(world_paths)
-    rng = np.random.default_rng([seed, 31])
-    oracle_cfg = OracleConfig()
     rows: list[dict] = []
     for kind in KINDS:
         pool = [q for q in world.questions if q["split"] == split and q["kind"] == kind]
@@ -141,8 +138,7 @@ def evaluate_warmstart(model_dir: Path | str, world_paths: WorldPaths, split: st
     results = []
     start = time.monotonic()
     for row in rows:
-        entity = world.entities[row["entity"]]
-        messages = [prompts.first_user_message(row["question"])]
+        messages = [fmt.first_user_message(row["question"])]
         images = [row["image"]]
         well_formed, searches, prediction = True, 0, None
         for _ in range(max_turns):
@@ -162,10 +158,10 @@ def evaluate_warmstart(model_dir: Path | str, world_paths: WorldPaths, split: st
                 break
             searches += 1
             if match.group("image") is not None:
-                hits = image_hits(world, entity, oracle_cfg, rng)
+                hits = [SearchHit(i.title, "", i.image) for i in image_tool.search_batch([{"image": row["image"]}])[0]]
             else:
-                hits = _simulated_text_search(world, match.group("query"), oracle_cfg, rng)
-            messages.append(prompts.information_message([(h.title, h.text, h.image is not None) for h in hits]))
+                hits = [SearchHit(i.title, i.text, None) for i in text_tool.search(match.group("query"))]
+            messages.append(fmt.information_message([(h.title, h.text, h.image is not None) for h in hits]))
             images.extend(h.image for h in hits if h.image is not None)
         results.append({"kind": row["kind"], "format": well_formed and prediction is not None,
                         "correct": prediction is not None and answer_matches(prediction, row["answer"], row["aliases"]),

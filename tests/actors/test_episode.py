@@ -13,6 +13,7 @@ from actors.episode import Question, first_prompt_length, run_episode
 from actors.reward import compute_reward
 from actors_helpers import FakeTools, ScriptedEngine, solid_image
 from episode import prompts
+from episode.tokenizer import EpisodeTokenizer
 from protocol import TrajectoryGroup, decode, encode, from_ndarray
 from protocol.images import encode_png
 from protocol.metrics import Metrics
@@ -28,8 +29,15 @@ def test_first_prompt_and_continuation_are_template_pieces(episode_tokenizer):
     first = tok.first_prompt("what is it")
     assert first.count(tok.image_pad_id) == 1
     text = tok.decode(first)
-    assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>question: what is it")
+    assert tok.prompt is prompts.COMPACT  # the tiny model's folder records its format
+    assert text == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it<|im_end|>\n<|im_start|>assistant\n"
+    worded = EpisodeTokenizer(tok.processor, prompts.MMSEARCH_R1)
+    text = worded.decode(worded.first_prompt("what is it"))
+    assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>question: what is it\n"
+                           + prompts.INSTRUCTION)
     assert text.endswith("<|im_start|>assistant\n")
+    assert prompts.CONTINUE_INSTRUCTION in worded.decode(worded.continuation([("a", "", False)]))
+    assert prompts.CONTINUE_INSTRUCTION not in tok.decode(tok.continuation([("a", "", False)]))
 
     piece = tok.continuation([("a thing", "", True), ("b", "", True), ("page", "words", False)])
     assert piece.count(tok.image_pad_id) == 2
@@ -68,6 +76,48 @@ def _play(tok, turns, tools=None, cfg=None, finish_reasons=None, metrics=None):
     result = asyncio.run(run_episode(engine, tok, tools.as_clients(), _question(), cfg or EpisodeConfig(),
                                      SAMPLING, request_id="g-e0", seed=7, metrics=metrics))
     return engine, tools, result
+
+
+def test_a_forced_workflow_appends_each_action_after_the_models_reason(episode_tokenizer):
+    """always_search on a model that wanted to answer at once: turn 1 is its reason + the forced image call (no
+    second request), turn 2 its reason + forced <text_search> + its query, turn 3 its reason + forced <answer> +
+    its answer. The forced tokens are prompt tokens (mask 0), what the model wrote is generated (mask 1)."""
+    tok = episode_tokenizer
+    outputs = [_ids(tok, "<reason> i know it </reason>"),                     # turn 1: reason only (forced image)
+               _ids(tok, "<reason> look up </reason>"), _ids(tok, " star town </text_search>"),  # turn 2
+               _ids(tok, "<reason> so </reason>"), _ids(tok, " blue star </answer>")]          # turn 3
+    engine = ScriptedEngine([list(t) for t in outputs], tok.image_pad_id, image_tokens=4, version=3)
+    tools = FakeTools(thumbnails=2)
+    metrics = Metrics()
+    workflow = ("image_search", "text_search", "answer")
+    result = asyncio.run(run_episode(engine, tok, tools.as_clients(), _question(), EpisodeConfig(), SAMPLING,
+                                     request_id="g-e0", metrics=metrics, workflow=workflow))
+    assert result.finish_reason == "answer" and (result.image_searches, result.text_searches) == (1, 1)
+    assert result.turns == ["<reason> i know it </reason><search><img></search>",
+                            "<reason> look up </reason><text_search> star town </text_search>",
+                            "<reason> so </reason><answer> blue star </answer>"]
+    assert tools.calls[1][1] == {"query": "star town"} and metrics.counter("forced_turns") == 3
+    assert len(engine.requests) == 5  # the image call needs no second request
+    reason_close = tok.tokenizer.convert_tokens_to_ids(prompts.REASON_CLOSE)
+    assert reason_close in engine.requests[0].stop_token_ids and reason_close not in engine.requests[2].stop_token_ids
+    generated = tok.decode([t for t, m in zip(result.token_ids, result.loss_mask) if m])
+    assert generated == "".join(tok.decode(o) for o in outputs)  # exactly what the model wrote
+    forced = [t for t, m in zip(result.token_ids, result.loss_mask) if not m]
+    assert tok.decode(forced).count(prompts.IMAGE_SEARCH_CALL) == 1
+    assert tok.decode(forced).count(prompts.ANSWER_OPEN) == 1
+    assert compute_reward(result.turns, "blue star", []).accuracy == 1.0
+
+
+def test_a_forced_turn_whose_reason_never_closes_is_left_as_generated(episode_tokenizer):
+    tok = episode_tokenizer
+    outputs = [_ids(tok, "<reason> hmm <answer> red </answer>")]
+    engine = ScriptedEngine([list(t) for t in outputs], tok.image_pad_id, image_tokens=4, version=3)
+    result = asyncio.run(run_episode(engine, tok, FakeTools(thumbnails=2).as_clients(), _question(),
+                                     EpisodeConfig(), SAMPLING, request_id="g", workflow=("image_search",)))
+    assert result.turns == ["<reason> hmm <answer> red </answer>"] and len(engine.requests) == 1
+    with pytest.raises(ValueError, match="unknown actions"):
+        asyncio.run(run_episode(engine, tok, {}, _question(), EpisodeConfig(), SAMPLING, request_id="g",
+                                workflow=("web_search",)))
 
 
 def test_three_turn_episode_is_token_in_token_out(episode_tokenizer):
@@ -121,7 +171,7 @@ def test_tool_failure_shows_the_in_band_error_text(episode_tokenizer, tools):
     engine, tools, result = _play(tok, turns, tools=tools, metrics=metrics)
     assert result.tool_errors == 1 and result.image_searches == 1 and result.finish_reason == "answer"
     appended = engine.requests[1].prompt_token_ids[len(engine.requests[0].prompt_token_ids) + len(turns[0]):]
-    assert appended == tok.continuation_with(prompts.notice_message(prompts.SEARCH_ERROR))
+    assert appended == tok.continuation_with(tok.prompt.notice_message(prompts.SEARCH_ERROR))
     text = tok.decode(appended)
     assert prompts.SEARCH_ERROR in text and prompts.NO_RESULTS not in text
     assert len(engine.requests[1].images) == 1
@@ -201,7 +251,7 @@ def test_search_over_the_limit_can_inform_instead_of_ending(episode_tokenizer):
     assert result.finish_reason == "answer" and len(result.turns) == 3
     assert [c[0] for c in tools.calls] == ["image_search"] and result.image_searches == 1
     appended = engine.requests[2].prompt_token_ids[len(engine.requests[1].prompt_token_ids) + len(engine.outputs[1].token_ids):]
-    assert appended == tok.continuation_with(prompts.notice_message(prompts.SEARCH_LIMIT))
+    assert appended == tok.continuation_with(tok.prompt.notice_message(prompts.SEARCH_LIMIT))
     assert metrics.counter("searches_refused_image_search") == 1
     assert compute_reward(result.turns, "blue star", []).format == 0.0  # image, image, answer is no valid pattern
     # a search in the last turn still ends the episode: no turn is left to read its results
@@ -244,7 +294,7 @@ def test_generated_vision_token_cuts_the_turn_and_ends_the_episode(episode_token
 
 def test_length_and_total_token_budgets(episode_tokenizer):
     tok = episode_tokenizer
-    long_turn = _ids(tok, "<reason> red blue green round square star circle shape")
+    long_turn = _ids(tok, "<reason> red blue green round square star circle shape red blue green round square star")
     engine, _, result = _play(tok, [long_turn], cfg=EpisodeConfig(max_new_tokens_per_turn=5),
                               finish_reasons=["length"])
     assert engine.requests[0].max_tokens == 5 and result.finish_reason == "max_new_tokens"

@@ -92,7 +92,7 @@ def test_oracle_trajectory_agrees_with_the_whole_chat_template(small_world, smal
     for episode in _episodes(small_world, seed=1):
         trajectory = oracle_trajectory(tok, episode)
         ids, mask = from_ndarray(trajectory.token_ids), from_ndarray(trajectory.loss_mask).astype(bool)
-        whole = encode_episode(tok.processor, episode).input_ids.tolist()
+        whole = encode_episode(tok.processor, episode, tok.prompt).input_ids.tolist()
         assert whole[:len(ids)] == ids.tolist()
         assert tok.decode(whole[len(ids):]).strip() == "<|im_end|>"
         assert tok.decode(ids[mask].tolist()) == "".join(t.assistant for t in episode.turns)
