@@ -4,6 +4,7 @@ for the search tools, and questions of four kinds, written as parquet/jsonl file
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from protocol.images import encode_png
 log = logging.getLogger(__name__)
 
 # Bump whenever the generator's output changes for the same config, so caches built by older code are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 KINDS: tuple[str, ...] = ("pixels", "image_search", "image_text_search", "text_search")
 SEARCH_LABEL = {"pixels": "search_free", "image_search": "search_required",
@@ -52,11 +53,17 @@ IMAGE_FACT_QUESTIONS = {"city": "in which city was the object in the image made?
 TEXT_FACT_QUESTIONS = {"city": "in which city was {name} made?",
                        "maker": "who made {name}?",
                        "year": "in which year was {name} made?"}
-PAGE_TEMPLATES = (
-    "{name} is a {colour} {shape} on a {pattern} background. {name} was made in {city} by {maker} in {year}.",
-    "{name} was made by {maker} in {year} in the city of {city}. {name} is a {colour} {shape} on a {pattern} "
-    "background.",
-    "{name} is a {colour} {shape}. {name} was made in {year} by {maker}. the city where {name} was made is {city}.",
+# A page states the entity's look and each fact in a sentence of its own that names the attribute and ends with the
+# value, so a query-focused snippet ("NAME maker") finds the sentence (tool_servers' `snippet_sentences`) and the
+# value closes it. Pages differ in the order of the fact sentences (PAGE_ORDERS).
+FACT_SENTENCES: dict[str, str] = {
+    "look": "{name} is a {colour} {shape} on a {pattern} background.",
+    "city": "{name} was made in the city of {city}.",
+    "maker": "{name} was made by the maker {maker}.",
+    "year": "{name} was made in the year {year}.",
+}
+PAGE_ORDERS: tuple[tuple[str, ...], ...] = (
+    ("look", "city", "maker", "year"), ("look", "maker", "year", "city"), ("look", "year", "city", "maker"),
 )
 
 
@@ -218,11 +225,34 @@ def make_entities(cfg: WorldConfig) -> list[Entity]:
     return entities
 
 
-def page_text(entity: Entity, template_index: int) -> str:
-    """The entity's text-corpus page: its look and facts in plain sentences."""
-    return PAGE_TEMPLATES[template_index % len(PAGE_TEMPLATES)].format(
-        name=entity.name, colour=entity.colour, shape=entity.shape, pattern=PATTERNS[entity.pattern],
-        city=entity.city, maker=entity.maker, year=entity.year)
+def fact_sentence(attribute: str, name: str, value: str) -> str:
+    """The page sentence that states `attribute` (look, city, maker, year) of entity `name`; for look, `value` is
+    "colour shape pattern-adjective"."""
+    if attribute == "look":
+        colour, shape, pattern = value.split(" ", 2)
+        return FACT_SENTENCES["look"].format(name=name, colour=colour, shape=shape, pattern=pattern)
+    if attribute not in FACT_SENTENCES:
+        raise ValueError(f"no page sentence for attribute {attribute!r}; known: {sorted(FACT_SENTENCES)}")
+    return FACT_SENTENCES[attribute].format(name=name, **{attribute: value})
+
+
+def read_fact(text: str, attribute: str, name: str) -> str | None:
+    """The value of `attribute` (city, maker, year) of entity `name` as a page or snippet `text` states it in its
+    FACT_SENTENCES sentence, or None when it does not: how a perfect reader (the search-path check) reads a hit."""
+    if attribute not in FACTS:
+        raise ValueError(f"attribute {attribute!r} is not a fact; known: {FACTS}")
+    before, after = FACT_SENTENCES[attribute].split("{" + attribute + "}")
+    pattern = re.escape(before.format(name=name)) + r"([a-z0-9]+)" + re.escape(after)
+    match = re.search(pattern, text)
+    return match.group(1) if match else None
+
+
+def page_text(entity: Entity, order_index: int) -> str:
+    """The entity's text-corpus page: its look and facts, one sentence each, in order PAGE_ORDERS[order_index]."""
+    look = f"{entity.colour} {entity.shape} {PATTERNS[entity.pattern]}"
+    values = {"look": look, "city": entity.city, "maker": entity.maker, "year": str(entity.year)}
+    order = PAGE_ORDERS[order_index % len(PAGE_ORDERS)]
+    return " ".join(fact_sentence(attribute, entity.name, values[attribute]) for attribute in order)
 
 
 def answer_aliases(attribute: str, entity: Entity) -> tuple[str, list[str]]:
@@ -301,7 +331,7 @@ def make_text_corpus(cfg: WorldConfig, entities: list[Entity]) -> list[dict]:
     """One page per entity."""
     rng = _rng(cfg, 5)
     return [{"id": f"page-{e.name}", "title": e.name,
-             "text": page_text(e, int(rng.integers(len(PAGE_TEMPLATES)))), "url": e.url} for e in entities]
+             "text": page_text(e, int(rng.integers(len(PAGE_ORDERS)))), "url": e.url} for e in entities]
 
 
 def _write_parquet(rows: list[dict], schema: pa.Schema, path: Path) -> None:
@@ -369,6 +399,19 @@ class World:
 
     def names(self) -> frozenset[str]:
         return frozenset(self.entities)
+
+    @functools.cached_property
+    def cities(self) -> list[str]:
+        return sorted({e.city for e in self.entities.values()})
+
+    @functools.cached_property
+    def makers(self) -> list[str]:
+        return sorted({e.maker for e in self.entities.values()})
+
+    @functools.cached_property
+    def year_range(self) -> tuple[int, int]:
+        years = [e.year for e in self.entities.values()]
+        return min(years), max(years)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--metrics", default="", help="append per-step metrics rows (JSON lines) to this file")
     parser.add_argument("--sft", action="store_true", help="the warm start (conf/algo/sft.yaml) instead of RL")
     parser.add_argument("--sft-conf", default=str(CONF / "algo" / "sft.yaml"))
+    parser.add_argument("--tools-conf", default=str(CONF / "tool_servers" / "local.yaml"),
+                        help="--sft: the tool servers whose results the oracle simulates")
     parser.add_argument("--world", default="", help="--sft: a synthetic world folder (questions.parquet, corpora)")
     parser.add_argument("--out", default="", help="--sft: where the fine-tuned model folder is written")
     args = parser.parse_args()
@@ -68,7 +70,7 @@ def main() -> None:
     if args.sft:
         run_sft(args)
         return
-    cfg = {"learner": yaml.safe_load(Path(args.learner_conf).read_text()),
+    cfg = {"learner": load_group(Path(args.learner_conf)),
            "algo": yaml.safe_load(Path(args.algo_conf).read_text())}
     world_size = int(cfg["learner"].get("world_size", 2))
     port = free_port()  # for the rendezvous
@@ -102,6 +104,26 @@ def main() -> None:
         raise SystemExit(f"learner ranks exited with {failed}")
 
 
+def load_group(path: Path) -> dict:
+    """A conf group file on its own: its ${run.*} interpolations (run.seed) resolve against conf/run/local.yaml."""
+    from omegaconf import OmegaConf
+
+    run = yaml.safe_load((CONF / "run" / "local.yaml").read_text())
+    run.pop("out_dir", None)  # ${now:...} needs Hydra's resolver; nothing here reads it
+    tree = OmegaConf.create({"run": run, "group": yaml.safe_load(Path(path).read_text())})
+    return OmegaConf.to_container(tree, resolve=True)["group"]
+
+
+def load_sft_conf(sft_conf: Path, tools_conf: Path) -> dict:
+    """An algo=sft file with its interpolations resolved: the oracle's simulated tools follow `tools_conf` (a
+    conf/tool_servers file), as they follow the run's tool servers under launch.py."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.create({"tool_servers": yaml.safe_load(tools_conf.read_text()),
+                             "sft": yaml.safe_load(sft_conf.read_text())})
+    return OmegaConf.to_container(tree, resolve=True)["sft"]
+
+
 def run_sft(args: argparse.Namespace) -> None:
     from learner.sft import run_sft_local
 
@@ -109,11 +131,11 @@ def run_sft(args: argparse.Namespace) -> None:
         raise SystemExit("--sft needs --world WORLD_DIR and --out DIR")
     if Path(args.out).exists():
         raise SystemExit(f"--out {args.out} already exists")
-    sft = yaml.safe_load(Path(args.sft_conf).read_text())
+    sft = load_sft_conf(Path(args.sft_conf), Path(args.tools_conf))
     if args.steps is not None:
         sft["steps"] = args.steps
         sft["vision_steps"] = min(sft.get("vision_steps", 0), args.steps)
-    cfg = {"learner": yaml.safe_load(Path(args.learner_conf).read_text()), "sft": sft}
+    cfg = {"learner": load_group(Path(args.learner_conf)), "sft": sft}
 
     def write(row: dict) -> None:
         if args.metrics:

@@ -17,8 +17,10 @@ from itertools import chain
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
+from data.names import name_texts
 from data.oracle import oracle_texts
 from data.world import WorldPaths, load_world, world_texts
 from models.tiny import TinyModelConfig, build_tiny_model
@@ -27,7 +29,8 @@ from protocol.files import build_dir_once
 log = logging.getLogger(__name__)
 
 # Bump when the builder or warm start changes what they write for the same config.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
+TOKENIZER_NAME_LINES = 3000  # lines of 10 random names in the tokenizer's training text
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BUILD_INFO = "forage_build.json"
 
@@ -83,9 +86,11 @@ def check_model_path(path: str | os.PathLike) -> Path:
 
 def build_world_model(tiny: TinyModelConfig, world_paths: WorldPaths, out_dir: Path | str,
                       dtype: torch.dtype = torch.float32) -> Path:
-    """The tiny model for a world: its tokenizer trained on the world's texts and the oracle's phrases (uncached;
-    `ensure_model` caches it)."""
-    texts = chain(world_texts(world_paths), oracle_texts(load_world(world_paths), seed=tiny.seed))
+    """The tiny model for a world: its tokenizer trained on the world's texts, the oracle's phrases and lines of
+    random names (so each name syllable becomes a token: a name copies as 2-3 tokens); uncached, `ensure_model`
+    caches it."""
+    names = name_texts(np.random.default_rng([tiny.seed, 43]), TOKENIZER_NAME_LINES)
+    texts = chain(world_texts(world_paths), oracle_texts(load_world(world_paths), seed=tiny.seed), names)
     return build_tiny_model(tiny, texts, out_dir, dtype=dtype)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from data.oracle import OracleConfig, oracle_episode, oracle_episodes, oracle_texts
+from data.world import fact_sentence
 from episode import prompts
 from episode.oracle import episode_messages
 from episode.turns import IMAGE_SEARCH, TEXT_SEARCH
@@ -28,16 +29,23 @@ def test_every_turn_is_well_formed_and_ends_with_the_answer(small_world):
 def test_search_pattern_per_kind(small_world):
     expected = {"image_search": [IMAGE_SEARCH], "image_text_search": [IMAGE_SEARCH, TEXT_SEARCH],
                 "text_search": [TEXT_SEARCH]}
-    for ep in oracle_episodes(small_world, "train", seed=1):
+    rag = [IMAGE_SEARCH, TEXT_SEARCH]  # the RAG workflow, any kind
+    for ep in oracle_episodes(small_world, "train", seed=1, cfg=OracleConfig(rag_fraction=0.0)):
         tools = [t.tool for t in ep.turns[:-1]]
         if ep.kind == "pixels":
             assert tools in ([], [IMAGE_SEARCH])
         else:
             assert tools == expected[ep.kind]
+        assert ep.turns[0].assistant.startswith("<reason>i see a ")  # every first turn describes the picture
+    episodes = oracle_episodes(small_world, "train", seed=1, cfg=OracleConfig(rag_fraction=1.0))
+    assert all([t.tool for t in ep.turns[:-1]] == rag for ep in episodes)
+    looks = [ep for ep in episodes if ep.kind in ("pixels", "image_search")]
+    assert looks and all(ep.turns[1].results[0].text.startswith(f"{ep.turns[0].results[0].title} is a ")
+                         for ep in looks)  # a colour/shape/name query reads the page's look sentence
 
 
 def test_results_point_to_the_right_entity(small_world):
-    cfg = OracleConfig(fresh_name_fraction=0.0)
+    cfg = OracleConfig(fresh_name_fraction=0.0, fact_shuffle_fraction=0.0, text_results=2, rag_fraction=0.0)
     rows = {r["id"]: r for r in small_world.questions}
     for ep in oracle_episodes(small_world, "train", seed=2, cfg=cfg):
         row = rows[ep.question_id]
@@ -50,19 +58,22 @@ def test_results_point_to_the_right_entity(small_world):
                 assert t.results[0].image in small_world.images_by_entity[row["entity"]]
             else:
                 assert len(t.results) == cfg.text_results and all(h.image is None for h in t.results)
-                assert t.results[0].text == small_world.pages[row["entity"]]["text"][: cfg.text_chars]
+                assert t.results[0].text == fact_sentence(row["attribute"], row["entity"], row["answer"])
+                assert t.results[0].text in small_world.pages[row["entity"]]["text"]
                 assert f" {row['entity']} {row['attribute']} " in t.assistant
+                assert ep.turns[-1].assistant.startswith(f"<reason>the page says {t.results[0].text}</reason>")
 
 
 def test_distractors_come_from_the_same_split(small_world):
     split = {e.name: e.split for e in small_world.entities.values()}
     for name in ("train", "test"):
-        for ep in oracle_episodes(small_world, name, seed=3, cfg=OracleConfig(fresh_name_fraction=0.0)):
+        cfg = OracleConfig(fresh_name_fraction=0.0, text_results=2)
+        for ep in oracle_episodes(small_world, name, seed=3, cfg=cfg):
             assert all(split[h.title] == name for t in ep.turns for h in t.results)
 
 
 def test_fresh_names_are_consistent_and_new(small_world):
-    cfg = OracleConfig(fresh_name_fraction=1.0, pixel_search_fraction=1.0)
+    cfg = OracleConfig(fresh_name_fraction=1.0, pixel_search_fraction=1.0, fact_shuffle_fraction=0.0)
     rows = {r["id"]: r for r in small_world.questions}
     real = small_world.names()
     for ep in oracle_episodes(small_world, "train", seed=4, cfg=cfg):
@@ -84,10 +95,44 @@ def test_fresh_names_are_consistent_and_new(small_world):
                 assert f" {stand_in} " in t.assistant and stand_in in t.results[0].text
 
 
+def test_shuffled_facts_are_what_the_pages_say_and_not_the_world(small_world):
+    cfg = OracleConfig(fact_shuffle_fraction=1.0, fresh_name_fraction=0.0, text_results=2)
+    rows = {r["id"]: r for r in small_world.questions}
+    differ = total = 0
+    for ep in oracle_episodes(small_world, "train", seed=7, cfg=cfg):
+        row = rows[ep.question_id]
+        if row["attribute"] not in ("city", "maker", "year"):
+            continue
+        snippet = [h for t in ep.turns if t.tool == TEXT_SEARCH for h in t.results][0]
+        assert snippet.title == row["entity"]
+        assert snippet.text == fact_sentence(row["attribute"], row["entity"], ep.answer)  # the answer is readable
+        total += 1
+        differ += ep.answer != row["answer"]
+    assert total > 20 and differ / total > 0.8  # ... but not recallable from the world
+
+
+def test_simulated_text_search_is_what_the_local_text_tool_returns(small_world, small_paths):
+    from tool_servers.backends.local_text import LocalTextSearch
+
+    tool = LocalTextSearch(small_paths.text_corpus, top_k=1, max_chars=300, snippet_sentences=1)
+    cfg = OracleConfig(fresh_name_fraction=0.0, fact_shuffle_fraction=0.0)
+    checked = 0
+    for ep in oracle_episodes(small_world, "train", seed=8, cfg=cfg):
+        for turn in ep.turns:
+            if turn.tool != TEXT_SEARCH:
+                continue
+            query = turn.assistant.split("<text_search>")[1].split("</text_search>")[0].strip()
+            (item,) = tool.search(query)
+            assert (item.title, item.text) == (turn.results[0].title, turn.results[0].text), query
+            checked += 1
+    assert checked > 20
+
+
 @pytest.mark.parametrize("pixel_search,fresh", [(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)])
 def test_configured_fractions_are_respected(small_world, pixel_search, fresh):
     eps = oracle_episodes(small_world, "train", seed=5,
-                          cfg=OracleConfig(pixel_search_fraction=pixel_search, fresh_name_fraction=fresh))
+                          cfg=OracleConfig(pixel_search_fraction=pixel_search, fresh_name_fraction=fresh,
+                                           rag_fraction=0.0))
     pixel = [e for e in eps if e.kind == "pixels"]
     searching = [e for e in eps if e.searches]
     assert abs(np.mean([e.searches > 0 for e in pixel]) - pixel_search) < 0.12

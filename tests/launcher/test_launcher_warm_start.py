@@ -59,7 +59,12 @@ def test_yaml_defaults_match_the_dataclasses():
     root = Path(__file__).resolve().parents[2]
     model_yaml = yaml.safe_load((root / "conf/model/tiny.yaml").read_text())
     assert model_yaml.pop("defaults") == [{"/algo@sft": "sft"}, "_self_"]  # model.sft = conf/algo/sft.yaml
-    sft_yaml = yaml.safe_load((root / "conf/algo/sft.yaml").read_text())
+    from omegaconf import OmegaConf
+
+    # the oracle's simulated tools follow conf/tool_servers (interpolated), here the local tools of the default run
+    tools = yaml.safe_load((root / "conf/tool_servers/local.yaml").read_text())
+    tree = OmegaConf.create({"tool_servers": tools, "sft": yaml.safe_load((root / "conf/algo/sft.yaml").read_text())})
+    sft_yaml = OmegaConf.to_container(tree, resolve=True)["sft"]
     assert ModelConfig.from_dict(model_yaml) == ModelConfig()
     assert sft_config(ModelConfig.from_dict({**model_yaml, "sft": sft_yaml})) == sft_config(ModelConfig())
     data_yaml = yaml.safe_load((root / "conf/data/synthetic.yaml").read_text())

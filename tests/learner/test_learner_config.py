@@ -12,7 +12,9 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def test_conf_files_build_the_typed_configs_with_every_field_set() -> None:
-    learner_yaml = yaml.safe_load((CONF / "learner" / "fsdp_cpu.yaml").read_text())
+    from learner.cli import load_group
+
+    learner_yaml = load_group(CONF / "learner" / "fsdp_cpu.yaml")  # seed: ${run.seed}
     algo_yaml = yaml.safe_load((CONF / "algo" / "grpo.yaml").read_text())
     learner, algo = LearnerConfig.from_dict(learner_yaml), AlgoConfig.from_dict(algo_yaml)
     assert set(learner_yaml) == set(LearnerConfig.__dataclass_fields__)

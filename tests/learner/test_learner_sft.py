@@ -54,7 +54,8 @@ def test_one_rank_trains_saves_a_loadable_folder_and_the_loss_falls(sft_world, t
     from transformers import AutoModelForImageTextToText
 
     paths, world, model = sft_world
-    cfg = {"learner": {"world_size": 1}, "sft": {"steps": 8, "vision_steps": 4, "batch_size": 4, "lr": 3e-3}}
+    cfg = {"learner": {"world_size": 1}, "sft": {"steps": 8, "vision_steps": 4, "batch_size": 4, "lr": 3e-3,
+                                             "vision_drills": 0.0, "drills": 0.0}}
     rank = SftRank(0, 1, "127.0.0.1", free_port(), str(model), str(paths.root), cfg)
     report = rank.run(str(tmp_path / "warm"))
     rows = rank.drain_metrics()

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor
 
-from data.oracle import oracle_episode
+from data.oracle import OracleConfig, oracle_episode
 from warmstart_reference import assistant_mask, collate, encode_episode, evaluate_warmstart
 
 
@@ -29,7 +29,7 @@ def test_loss_mask_is_exactly_the_assistant_turns(small_tiny, small_world):
     assert decoded == "".join(t.assistant + "<|im_end|>" for t in episode.turns)
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert torch.equal(enc.mm_token_type_ids.bool(), enc.input_ids == image_id)
-    assert enc.image_grid_thw.shape[0] == 1 + 3  # question image + three image-search thumbnails
+    assert enc.image_grid_thw.shape[0] == 1 + OracleConfig().image_results  # question image + the thumbnails
 
 
 def test_collate_pads_right_and_masks_labels(small_tiny, small_world):

@@ -210,7 +210,7 @@ def test_conf_file_builds_servers(text_corpus, image_corpus):
     assert conf["image"]["corpus"] is None and conf["text"]["corpus"] is None  # filled by launch.py
     image = build_backend("image_search", {**conf["image"], "corpus": image_corpus})
     text = build_backend("text_search", {**conf["text"], "corpus": text_corpus})
-    assert (image.top_k, image.thumbnail_size, text.top_k, text.max_chars) == (3, 56, 2, 300)
+    assert (image.top_k, image.thumbnail_size, text.top_k, text.max_chars, text.snippet_sentences) == (1, 56, 1, 300, 1)
     for section in ("image", "text"):
         CacheConfig.from_mapping(conf[section]["cache"])
 

@@ -107,7 +107,9 @@ def test_cli_with_config_cache_and_discovery(text_corpus, tmp_path):
             outs = [subprocess.run(query, cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
                     for _ in range(2)]
             assert all(o.returncode == 0 and "[0] Harrow" in o.stdout for o in outs), outs
-            assert "[1] " in outs[0].stdout  # top_k 2 from the conf file
+            # top_k 1 and a one-sentence snippet from the conf file: the page's sentence about the clock tower
+            assert "[1] " not in outs[0].stdout and "Harrow has a famous clock tower" in outs[0].stdout
+            assert "capital of Quell" not in outs[0].stdout
             assert "from cache" not in outs[0].stdout and "from cache" in outs[1].stdout
             stats = subprocess.run([sys.executable, "-m", "tool_servers", "stats", "--discovery", str(discovery),
                                     "--tool", "text_search"], cwd=REPO, env=env, capture_output=True, text=True,
