@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--split", default=None, help="only questions of this split (default: all rows)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
     ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    ev.add_argument("--mode", default="policy",
+                    help="policy: the model decides; always_search: image search, text search, answer (the RAG "
+                         "baseline); never_search: the answer at once; workflow: the searches each question's kind "
+                         "needs")
     ev.add_argument("--actors-conf", default=None, help="a conf/actors YAML for episode limits and engine settings")
     ev.add_argument("--cache-dir", default=".forage_cache", help="vLLM / inductor compile caches")
     args = parser.parse_args(argv)
@@ -60,12 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # this process only tokenises and waits; vLLM's engine process does the work
     from actors.eval import format_table, run_eval
 
+    from actors.eval import EVAL_MODES
+
+    if args.mode not in EVAL_MODES:
+        parser.error(f"--mode {args.mode!r}: expected one of {list(EVAL_MODES)}")
     try:
         tools = parse_tools(args.tools)
         cfg = actors_conf(args.actors_conf, args.temperature, str(Path(args.cache_dir).resolve()))
     except ValueError as exc:
         parser.error(str(exc))
-    summary = run_eval(args.model, args.data, args.out, tools, cfg, split=args.split, limit=args.limit)
+    summary = run_eval(args.model, args.data, args.out, tools, cfg, split=args.split, limit=args.limit,
+                       mode=args.mode)
     print(format_table(summary["table"]))
     print(f"\n{summary['questions']} questions in {summary['seconds']:.1f} s; results in {args.out}")
     return 0

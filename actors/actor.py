@@ -10,6 +10,7 @@ class; the launcher wraps it as a Ray actor and calls start(), run(), stop() and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import zlib
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from actors.admission import AdmissionLoop
-from actors.config import ActorConfig
+from actors.config import ActorConfig, SamplingConfig
+from actors.eval import EVAL_MODES
 from actors.engine import engine_for_actor
 from actors.engine_slot import EngineSlot
 from actors.episode import Question, ToolCaller, first_prompt_length
@@ -59,6 +61,7 @@ class RolloutActor:
         self._stopping: asyncio.Event | None = None  # events are created on the actor's loop, in start()
         self._run_done: asyncio.Event | None = None
         self._run_started: float | None = None
+        self._eval_sets: dict[tuple[str | None, int | None], list[Question]] = {}
 
     @property
     def engine(self) -> Any:
@@ -72,7 +75,7 @@ class RolloutActor:
         cfg = self.cfg
         self._stopping, self._run_done = asyncio.Event(), asyncio.Event()
         self.tokenizer = EpisodeTokenizer.from_pretrained(self.model_path)
-        playable = self._playable(load_questions(self.data_path, cfg.split))
+        playable = self._playable(load_questions(self.data_path, cfg.split, cfg.train_labels))
         self._questions = {q.id: q for q in playable}
         self._order = QuestionOrder(playable, seed=self.seed)
         self._spool = GroupSpool(self.actor_dir / "spool", cfg.spool_max_groups, self._metrics)
@@ -95,7 +98,7 @@ class RolloutActor:
         log.info("%s ready: %s, tools %s, learner %s", self.actor_id, self.model_path, sorted(self.tools),
                  self.learner_endpoints)
 
-    def _playable(self, questions: list[Question]) -> list[Question]:
+    def _playable(self, questions: list[Question], count: bool = True) -> list[Question]:
         """Questions whose first prompt leaves room to generate within max_total_tokens (and whose image reads).
         Skipping them here, before any admission, keeps the learner's admission count honest."""
         assert self.tokenizer is not None
@@ -110,7 +113,8 @@ class RolloutActor:
             if fits:
                 playable.append(q)
         skipped = len(questions) - len(playable)
-        self._metrics.set("questions_skipped", skipped)
+        if count:
+            self._metrics.set("questions_skipped", skipped)
         if skipped:
             log.warning("%s: %d of %d questions skipped (unreadable image or first prompt >= max_total_tokens=%d)",
                         self.actor_id, skipped, len(questions), limit)
@@ -192,6 +196,41 @@ class RolloutActor:
             if isinstance(tool_metrics, Metrics):
                 out.update({f"tool_client_{tool}_{k}": v for k, v in tool_metrics.snapshot().items()})
         return {f"actor_{k}": v for k, v in out.items()}
+
+    async def evaluate(self, mode: str, min_version: int = 0, split: str | None = "test",
+                       per_label: int | None = None) -> dict[str, Any]:
+        """One greedy pass over held-out questions (`split`, the first `per_label` of each search label) played as
+        eval `mode` says (actors/eval.py EVAL_MODES), on this actor's engine once it runs policy `min_version` or
+        newer; weight updates wait until the pass is done, so every episode sees the same version. Rollout groups
+        keep playing beside it. Returns {mode, version, seconds, samples} (samples: actors.eval.sample_row)."""
+        from actors.eval import eval_questions, heldout_questions
+
+        if self._slot is None or self.tokenizer is None or self._poller is None:
+            raise RuntimeError("RolloutActor.evaluate() before start()")
+        if mode not in EVAL_MODES:
+            raise ValueError(f"unknown eval mode {mode!r}; known: {EVAL_MODES}")
+        key = (split, per_label)
+        if key not in self._eval_sets:
+            playable = self._playable(load_questions(self.data_path, split), count=False)
+            self._eval_sets[key] = heldout_questions(playable, per_label)
+        questions = self._eval_sets[key]
+        if min_version > self._slot.version:
+            await self._poller.reach_version(min_version)
+        greedy = dataclasses.replace(self.cfg, sampling=SamplingConfig(temperature=0.0))
+        started = time.perf_counter()
+
+        async def play(engine: Any) -> tuple[int, list[dict[str, Any]]]:
+            rows = await eval_questions(engine, self.tokenizer, self.tools, questions, greedy, seed=self.seed,
+                                        metrics=self._metrics, mode=mode, request_prefix=f"eval-{mode}")
+            return int(engine.version), rows
+
+        version, rows = await self._slot.under_lock(play)
+        seconds = time.perf_counter() - started
+        self._metrics.inc("eval_passes")
+        self._metrics.observe("eval_pass_s", seconds)
+        log.info("%s: %s eval of %d held-out questions at policy version %d in %.1f s", self.actor_id, mode,
+                 len(rows), version, seconds)
+        return {"mode": mode, "version": version, "seconds": seconds, "samples": rows}
 
     async def _release_grant(self, grant: Grant, reason: str) -> None:
         assert self._admissions is not None

@@ -113,6 +113,8 @@ class ActorConfig:
     tool_retries: int = 2  # extra attempts of a tool call on timeout/overloaded (another replica when there is one)
     stop_timeout_s: float = 45.0  # stop() waits this long for groups in flight to finish and be acked
     split: str = "train"  # questions of this split (all rows when the parquet has no split column)
+    train_labels: tuple[str, ...] | None = None  # only questions of these search labels (None: all), e.g.
+    # ("search_required",): the no-search-free-questions ablation
     cache_dir: str = ".forage_cache"  # compile caches shared across runs (relative to the working directory)
     spool_max_groups: int = 8  # admitted groups held at once (playing + finished-unacked, spooled on disk)
     spool_resume: bool = True  # at start, resend groups and re-play grants a previous actor left in the spool
@@ -170,4 +172,9 @@ def _build(kind: type, values: Mapping[str, Any], where: str) -> Any:
         kwargs["env"] = {str(k): str(v) for k, v in dict(kwargs["env"] or {}).items()}
     if kind is RewardConfig and "valid_patterns" in kwargs:
         kwargs["valid_patterns"] = tuple(str(p) for p in kwargs["valid_patterns"])
+    if kind is ActorConfig and kwargs.get("train_labels") is not None:
+        labels = kwargs["train_labels"]
+        if isinstance(labels, str) or not labels:
+            raise ValueError(f"{where}.train_labels must be a non-empty list of search labels or null, got {labels!r}")
+        kwargs["train_labels"] = tuple(str(label) for label in labels)
     return kind(**kwargs)

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -19,7 +19,7 @@ from actors.engine import Engine, EngineError, EngineHung, TurnRequest
 from actors.reward import Reward
 from episode import prompts
 from episode.tokenizer import EpisodeTokenizer
-from episode.turns import IMAGE_SEARCH, TEXT_SEARCH, TurnAction, parse_turn
+from episode.turns import FORCED_ACTIONS, IMAGE_SEARCH, TEXT_SEARCH, TurnAction, parse_turn
 from protocol import ToolReply, Trajectory, to_ndarray
 from protocol.images import ImageError, decode_image, image_size
 from protocol.metrics import Metrics
@@ -93,14 +93,32 @@ class EpisodeResult:
         )
 
 
+async def _generate(engine: Engine, request: TurnRequest, cfg: EpisodeConfig, metrics: Metrics) -> Any:
+    try:
+        return await asyncio.wait_for(engine.generate(request), cfg.turn_timeout_s)
+    except asyncio.TimeoutError:
+        metrics.inc("engine_turn_timeouts")
+        raise EngineHung(f"{request.request_id}: no output within turn_timeout_s={cfg.turn_timeout_s:g} s "
+                         f"(a hung engine)") from None
+
+
 async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str, ToolCaller], question: Question,
                       cfg: EpisodeConfig, sampling: SamplingConfig, request_id: str, seed: int | None = None,
-                      metrics: Metrics | None = None) -> EpisodeResult:
+                      metrics: Metrics | None = None, workflow: Sequence[str] | None = None) -> EpisodeResult:
     """Play one episode to its end; the result's finish_reason says why it ended (every turn either ends the
     episode or makes a call, and a call in the last turn ends it, so the loop always ends by a `break`).
 
+    `workflow` (evaluation only) forces the action of each turn: the model writes its reason, then the turn goes
+    on with FORCED_ACTIONS[workflow[i]] (image_search, text_search or answer) appended as prompt tokens (mask 0),
+    and the model writes the query or answer. A turn whose reason does not close is left as generated; turns
+    beyond the workflow are free.
+
     Engine errors propagate (the caller re-runs the whole episode); tool failures do not: the model reads
     MMSearch-R1's in-band error text and the error is counted."""
+    if workflow is not None:
+        unknown = [action for action in workflow if action not in FORCED_ACTIONS]
+        if unknown:
+            raise ValueError(f"workflow {list(workflow)}: unknown actions {unknown}; known: {sorted(FORCED_ACTIONS)}")
     metrics = metrics or Metrics()
     started = time.perf_counter()
     result = EpisodeResult(images=[question.image])
@@ -116,17 +134,14 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
             result.finish_reason = "max_total_tokens"
             break
         t0 = time.perf_counter()
+        forced = workflow[turn] if workflow is not None and turn < len(workflow) else None
         request = TurnRequest(
             request_id=f"{request_id}-t{turn}", prompt_token_ids=list(prompt), images=list(images),
-            max_tokens=budget, sampling=sampling, stop_token_ids=tok.stop_token_ids,
-            stop_strings=tok.stop_strings, seed=None if seed is None else (seed * 1_000_003 + turn) % (1 << 31))
-        try:
-            out = await asyncio.wait_for(engine.generate(request), cfg.turn_timeout_s)
-        except asyncio.TimeoutError:
-            metrics.inc("engine_turn_timeouts")
-            raise EngineHung(f"{request.request_id}: no output within turn_timeout_s={cfg.turn_timeout_s:g} s "
-                             f"(a hung engine)") from None
-        generate_s += time.perf_counter() - t0
+            max_tokens=budget, sampling=sampling,
+            stop_token_ids=tok.stop_token_ids + (tok.reason_stop_ids if forced else []),
+            stop_strings=tok.stop_strings + (tok.reason_stop_strings if forced else []),
+            seed=None if seed is None else (seed * 1_000_003 + turn) % (1 << 31))
+        out = await _generate(engine, request, cfg, metrics)
         known = len(result.token_ids)
         if out.prompt_token_ids[:known] != result.token_ids:
             raise EngineError(f"{request_id} turn {turn}: the engine's prompt does not extend the trajectory")
@@ -142,7 +157,33 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
         result.extend(tokens, generated=True, logprobs=logprobs, versions=versions)
         prompt.extend(tokens)
         consumed, pending_extra = len(prompt), 0
-        text = tok.decode(tokens)
+        turn_ids = list(tokens)
+        if forced and cut is None and tok.decode(tokens).rstrip().endswith(prompts.REASON_CLOSE):
+            metrics.inc("forced_turns")
+            action_ids = tok.tokenizer.encode(FORCED_ACTIONS[forced], add_special_tokens=False)
+            prompt.extend(action_ids)
+            turn_ids += action_ids
+            result.extend(action_ids, generated=False)  # the engine sees them as prompt; nobody samples them
+            consumed = len(prompt)
+            rest = budget - len(tokens) - len(action_ids)
+            if forced != IMAGE_SEARCH and rest > 0:  # the model writes the query or the answer
+                request = TurnRequest(
+                    request_id=f"{request_id}-t{turn}f", prompt_token_ids=list(prompt), images=list(images),
+                    max_tokens=rest, sampling=sampling, stop_token_ids=tok.stop_token_ids,
+                    stop_strings=tok.stop_strings, seed=request.seed)
+                out = await _generate(engine, request, cfg, metrics)
+                if out.prompt_token_ids != result.token_ids:
+                    raise EngineError(f"{request_id} turn {turn}: the engine's prompt does not extend the trajectory")
+                tokens, logprobs, versions = out.token_ids, out.logprobs, out.versions
+                cut = next((i for i, t in enumerate(tokens) if t in tok.forbidden_ids), None)
+                if cut is not None:
+                    tokens, logprobs, versions = tokens[:cut], logprobs[:cut], versions[:cut]
+                result.extend(tokens, generated=True, logprobs=logprobs, versions=versions)
+                prompt.extend(tokens)
+                turn_ids += tokens
+                consumed = len(prompt)
+        generate_s += time.perf_counter() - t0
+        text = tok.decode(turn_ids)
         result.turns.append(text)
         if cut is not None:
             result.finish_reason = "invalid_token"
@@ -177,9 +218,9 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
         t0 = time.perf_counter()
         if over:  # on_search_over_limit == "inform": no call; the model is told to answer on its own
             metrics.inc(f"searches_refused_{action.kind}")
-            message, new_images, new_bytes = prompts.notice_message(prompts.SEARCH_LIMIT), [], []
+            message, new_images, new_bytes = tok.prompt.notice_message(prompts.SEARCH_LIMIT), [], []
         else:
-            message, new_images, new_bytes = await _search(action, question, tools, cfg, result, metrics)
+            message, new_images, new_bytes = await _search(action, question, tools, cfg, result, metrics, tok.prompt)
         tool_s += time.perf_counter() - t0
         prompt.extend(tok.continuation_with(message, len(new_images)))
         images.extend(new_images)
@@ -200,7 +241,8 @@ def _over_limit(action: TurnAction, result: EpisodeResult, cfg: EpisodeConfig) -
 
 
 async def _search(action: TurnAction, question: Question, tools: Mapping[str, ToolCaller], cfg: EpisodeConfig,
-                  result: EpisodeResult, metrics: Metrics) -> tuple[dict, list[Image.Image], list[bytes]]:
+                  result: EpisodeResult, metrics: Metrics, fmt: prompts.PromptFormat = prompts.DEFAULT_FORMAT
+                  ) -> tuple[dict, list[Image.Image], list[bytes]]:
     """Run the call; return the user message to show, the images it holds and their bytes.
 
     A failed call (error reply, no reply by the deadline, unknown tool) shows MMSearch-R1's in-band error text
@@ -226,7 +268,7 @@ async def _search(action: TurnAction, question: Question, tools: Mapping[str, To
         result.tool_errors += 1
         metrics.inc(f"tool_errors_{tool}")
         log.warning("%s failed for question %s: %s", tool, question.id, exc)
-        return prompts.notice_message(prompts.SEARCH_ERROR), [], []
+        return fmt.notice_message(prompts.SEARCH_ERROR), [], []
     finally:
         metrics.observe(f"tool_latency_s_{tool}", time.perf_counter() - started)
     if not reply.items:
@@ -246,4 +288,4 @@ async def _search(action: TurnAction, question: Question, tools: Mapping[str, To
                 log.warning("%s returned a bad thumbnail for %s: %s", tool, question.id, exc)
                 has_image = False
         shown.append((item.title, text, has_image))
-    return prompts.information_message(shown), new_images, new_bytes
+    return fmt.information_message(shown), new_images, new_bytes

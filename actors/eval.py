@@ -22,13 +22,54 @@ from actors.episode import EpisodeResult, Question, ToolCaller, run_episode
 from actors.questions import load_questions
 from actors.reward import compute_reward
 from episode.tokenizer import EpisodeTokenizer
-from episode.turns import last_answer
+from episode.turns import ANSWER, IMAGE_SEARCH, TEXT_SEARCH, last_answer
 from protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("group", "n", "accuracy", "reward", "format", "SR", "SR_image", "SR_text", "searched",
                  "searches", "turns", "tool_errors")
+
+# How an evaluation plays each question (run_episode's `workflow`):
+#   policy         the model decides every turn
+#   always_search  the RAG workflow: image search, then text search, then the answer (MMSearch-R1's baseline)
+#   never_search   the answer at once, no search
+#   workflow       the searches the question's kind needs, as the oracle plays it (the warm start's check)
+EVAL_MODES = ("policy", "always_search", "never_search", "workflow")
+RAG_WORKFLOW = (IMAGE_SEARCH, TEXT_SEARCH, ANSWER)
+KIND_WORKFLOWS = {"pixels": (ANSWER,), "image_search": (IMAGE_SEARCH, ANSWER),
+                  "image_text_search": (IMAGE_SEARCH, TEXT_SEARCH, ANSWER), "text_search": (TEXT_SEARCH, ANSWER)}
+
+
+def workflow_for(mode: str, question: Question) -> tuple[str, ...] | None:
+    """The forced actions of `question` in eval `mode` (None: the model decides)."""
+    if mode == "policy":
+        return None
+    if mode == "always_search":
+        return RAG_WORKFLOW
+    if mode == "never_search":
+        return (ANSWER,)
+    if mode == "workflow":
+        if question.kind not in KIND_WORKFLOWS:
+            raise ValueError(f"question {question.id}: kind {question.kind!r} has no workflow; known: "
+                             f"{sorted(KIND_WORKFLOWS)}")
+        return KIND_WORKFLOWS[question.kind]
+    raise ValueError(f"unknown eval mode {mode!r}; known: {EVAL_MODES}")
+
+
+def heldout_questions(questions: list[Question], per_label: int | None) -> list[Question]:
+    """The first `per_label` questions of each search label, in file order (all when None)."""
+    if per_label is None:
+        return list(questions)
+    if per_label < 1:
+        raise ValueError(f"per_label={per_label} must be >= 1 (or null for every question)")
+    taken: dict[str, int] = {}
+    chosen = []
+    for question in questions:
+        if taken.get(question.search_label, 0) < per_label:
+            taken[question.search_label] = taken.get(question.search_label, 0) + 1
+            chosen.append(question)
+    return chosen
 
 
 def sample_row(question: Question, result: EpisodeResult, cfg: ActorConfig) -> dict[str, Any]:
@@ -89,16 +130,20 @@ def format_table(table: list[Mapping[str, Any]]) -> str:
 
 async def eval_questions(engine: Any, tok: EpisodeTokenizer, tools: Mapping[str, ToolCaller],
                          questions: list[Question], cfg: ActorConfig, seed: int = 0,
-                         metrics: Metrics | None = None) -> list[dict[str, Any]]:
-    """One episode per question, up to cfg.max_concurrency at once; rows in question order. An episode whose
-    engine call fails is an error (eval has no re-runs: a crash invalidates the measurement)."""
+                         metrics: Metrics | None = None, mode: str = "policy",
+                         request_prefix: str = "eval") -> list[dict[str, Any]]:
+    """One episode per question, up to cfg.max_concurrency at once, played as eval `mode` says; rows in question
+    order. An episode whose engine call fails is an error (eval has no re-runs: a crash invalidates the
+    measurement)."""
     slots = asyncio.Semaphore(cfg.max_concurrency)
     metrics = metrics or Metrics()
+    workflows = [workflow_for(mode, q) for q in questions]  # bad modes and kinds fail before any episode
 
     async def one(i: int, question: Question) -> dict[str, Any]:
         async with slots:
             result = await run_episode(engine, tok, tools, question, cfg.episode, cfg.sampling,
-                                       request_id=f"eval-{i}", seed=seed + i, metrics=metrics)
+                                       request_id=f"{request_prefix}-{i}", seed=seed + i, metrics=metrics,
+                                       workflow=workflows[i])
         return sample_row(question, result, cfg)
 
     return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(questions))))
@@ -107,9 +152,10 @@ async def eval_questions(engine: Any, tok: EpisodeTokenizer, tools: Mapping[str,
 async def eval_dataset(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
                        tool_endpoints: Mapping[str, list[str]] | None = None, cfg: Mapping[str, Any] | None = None, *,
                        split: str | None = None, limit: int | None = None, engine: Any = None,
-                       tokenizer: EpisodeTokenizer | None = None) -> dict[str, Any]:
-    """Evaluate `model_path` on the questions of `data_path` (all rows, or `split`; the first `limit`); write the
-    outputs to `out_dir` and return the summary. `engine`/`tokenizer` replace the vLLM engine (tests)."""
+                       tokenizer: EpisodeTokenizer | None = None, mode: str = "policy") -> dict[str, Any]:
+    """Evaluate `model_path` on the questions of `data_path` (all rows, or `split`; the first `limit`), played as
+    eval `mode` says (EVAL_MODES); write the outputs to `out_dir` and return the summary. `engine`/`tokenizer`
+    replace the vLLM engine (tests)."""
     from actors.engine import engine_for_actor
 
     actor_cfg = ActorConfig.from_dict(cfg or {})
@@ -125,7 +171,8 @@ async def eval_dataset(model_path: str | Path, data_path: str | Path, out_dir: s
     metrics = Metrics()
     started = time.perf_counter()
     try:
-        rows = await eval_questions(engine, tok, tools, questions, actor_cfg, seed=actor_cfg.seed, metrics=metrics)
+        rows = await eval_questions(engine, tok, tools, questions, actor_cfg, seed=actor_cfg.seed, metrics=metrics,
+                                    mode=mode)
     finally:
         for client in tools.values():
             await client.close()
@@ -133,7 +180,7 @@ async def eval_dataset(model_path: str | Path, data_path: str | Path, out_dir: s
             await engine.close()
     seconds = time.perf_counter() - started
     table = aggregate(rows, actor_cfg.episode.max_image_searches, actor_cfg.episode.max_text_searches)
-    summary = {"model": str(model_path), "data": str(data_path), "split": split, "questions": len(rows),
+    summary = {"model": str(model_path), "data": str(data_path), "split": split, "mode": mode, "questions": len(rows),
                "seconds": seconds, "table": table, "metrics": metrics.snapshot(),
                "settings": {"episode": asdict(actor_cfg.episode), "sampling": asdict(actor_cfg.sampling),
                             "reward": asdict(actor_cfg.reward)}}
@@ -144,9 +191,10 @@ async def eval_dataset(model_path: str | Path, data_path: str | Path, out_dir: s
 
 def run_eval(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
              tool_endpoints: Mapping[str, list[str]] | None = None, cfg: Mapping[str, Any] | None = None, *,
-             split: str | None = None, limit: int | None = None) -> dict[str, Any]:
+             split: str | None = None, limit: int | None = None, mode: str = "policy") -> dict[str, Any]:
     """Blocking form of `eval_dataset` (for launch.py and scripts; not from inside a running event loop)."""
-    return asyncio.run(eval_dataset(model_path, data_path, out_dir, tool_endpoints, cfg, split=split, limit=limit))
+    return asyncio.run(eval_dataset(model_path, data_path, out_dir, tool_endpoints, cfg, split=split, limit=limit,
+                                    mode=mode))
 
 
 def _tool_clients(endpoints: Mapping[str, list[str]], cfg: ActorConfig) -> dict[str, Any]:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Sequence
 
 from actors.episode import Question
 
 
-def load_questions(path: str | Path, split: str | None = "train") -> list[Question]:
+def load_questions(path: str | Path, split: str | None = "train",
+                   labels: Sequence[str] | None = None) -> list[Question]:
     """Questions of `split` from a questions parquet (id, image, question, answer, aliases[, kind, search_label,
-    split]); every row when the file has no split column or `split` is None."""
+    split]); every row when the file has no split column or `split` is None; only those whose search_label is in
+    `labels` when given (ValueError when the file has no search_label column)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(str(path))
@@ -21,8 +24,13 @@ def load_questions(path: str | Path, split: str | None = "train") -> list[Questi
     rows = table.to_pylist()
     if split is not None and "split" in table.column_names:
         rows = [r for r in rows if r["split"] == split]
+    if labels is not None:
+        if "search_label" not in table.column_names:
+            raise ValueError(f"{path}: no search_label column to keep only labels {list(labels)}")
+        rows = [r for r in rows if r["search_label"] in set(labels)]
     if not rows:
-        raise ValueError(f"{path}: no questions of split {split!r}")
+        raise ValueError(f"{path}: no questions of split {split!r}"
+                         + (f" with search labels {list(labels)}" if labels is not None else ""))
     return [Question(id=str(r["id"]), question=r["question"], answer=r["answer"], aliases=list(r["aliases"] or []),
                      image=r["image"], kind=r.get("kind") or "", search_label=r.get("search_label") or "")
             for r in rows]

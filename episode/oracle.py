@@ -44,14 +44,16 @@ class OracleEpisode:
         return sum(t.tool is not None for t in self.turns)
 
 
-def episode_messages(episode: OracleEpisode) -> tuple[list[dict], list[bytes]]:
-    """HF chat messages of `episode` as an actor shows them, and its images in message order."""
-    messages = [prompts.first_user_message(episode.question)]
+def episode_messages(episode: OracleEpisode, fmt: prompts.PromptFormat = prompts.DEFAULT_FORMAT
+                     ) -> tuple[list[dict], list[bytes]]:
+    """HF chat messages of `episode` as an actor shows them in prompt format `fmt`, and its images in message
+    order."""
+    messages = [fmt.first_user_message(episode.question)]
     images = [episode.image]
     for turn in episode.turns:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
         if turn.tool is not None:
-            messages.append(prompts.information_message(
+            messages.append(fmt.information_message(
                 [(hit.title, hit.text, hit.image is not None) for hit in turn.results]))
             images.extend(hit.image for hit in turn.results if hit.image is not None)
     return messages, images

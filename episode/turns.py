@@ -10,7 +10,13 @@ from typing import Literal
 from episode import prompts
 
 IMAGE_SEARCH, TEXT_SEARCH = "image_search", "text_search"  # the two tools, as tool servers name them
+ANSWER = "answer"
 ActionKind = Literal["answer", "image_search", "text_search", "invalid_call", "none"]
+
+# What a forced turn appends after the model's reason (actors.episode.run_episode's `workflow`): the image call
+# whole; the opening tag of a text search or an answer, whose content the model then writes.
+FORCED_ACTIONS: dict[str, str] = {IMAGE_SEARCH: prompts.IMAGE_SEARCH_CALL, TEXT_SEARCH: prompts.TEXT_SEARCH_OPEN,
+                                  ANSWER: prompts.ANSWER_OPEN}
 
 # A turn exactly in the oracle's shape (one reason, then one action, nothing else around them): how the warm start's
 # evaluations count a well-formatted greedy turn.

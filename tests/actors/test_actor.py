@@ -470,7 +470,7 @@ def test_questions_that_cannot_fit_are_skipped_before_admission(tmp_path, tiny_m
     ids, metrics = asyncio.run(main(1024))
     assert ids == ["q2", "q3"] and metrics["actor_questions_skipped"] == 2
     with pytest.raises(ValueError, match="no playable question"):
-        asyncio.run(main(64))
+        asyncio.run(main(8))  # fewer tokens than any first prompt (image included)
 
 
 def test_run_before_start_is_an_error(tmp_path):
@@ -508,3 +508,46 @@ def test_failed_weight_update_stops_the_actor(tmp_path, tiny_model_dir):
             await learner.close()
 
     asyncio.run(main())
+
+
+def test_actor_evaluates_held_out_questions_greedily_at_one_version(tmp_path, tiny_model_dir):
+    """evaluate(): per-label held-out subset, greedy sampling, the slot's lock held (no weight update mid-pass),
+    samples scored by the real reward; a bad mode fails before any episode."""
+    rows = [{"id": f"q{i}", "image": encode_png(solid_image((40 * i, 30, 30))), "question": f"what colour {i}",
+             "answer": "red" if i % 2 == 0 else "blue", "aliases": [], "kind": "pixels",
+             "search_label": "search_free" if i < 4 else "search_required", "split": "test"} for i in range(7)]
+    path = tmp_path / "q.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    seen = []
+
+    class Recording(AnsweringEngine):
+        async def generate(self, request):
+            seen.append((request.sampling.temperature, actor._slot.lock.locked(), request.request_id))
+            return await super().generate(request)
+
+    class EvalActor(FakeActor):
+        def _make_engine(self):
+            return Recording(self.tokenizer)
+
+    endpoints = {"trajectories": "tcp://127.0.0.1:1", "weights": "tcp://127.0.0.1:1"}
+    actor = EvalActor("a0", str(tiny_model_dir), str(path), {}, endpoints, {"split": "test"}, str(tmp_path / "run"))
+
+    async def main():
+        with pytest.raises(RuntimeError, match="before start"):
+            await actor.evaluate("policy")
+        await actor.start()
+        try:
+            out = await actor.evaluate("policy", split="test", per_label=2)
+            with pytest.raises(ValueError, match="unknown eval mode"):
+                await actor.evaluate("sometimes_search")
+            return out, actor.metrics()
+        finally:
+            await actor.stop()
+
+    out, metrics = asyncio.run(main())
+    assert out["mode"] == "policy" and out["version"] == 0 and out["seconds"] > 0
+    assert [s["id"] for s in out["samples"]] == ["q0", "q1", "q4", "q5"]  # the first 2 of each label
+    assert [s["correct"] for s in out["samples"]] == [True, False, True, False]  # the engine always says red
+    assert all(s["searches"] == 0 for s in out["samples"])
+    assert seen and all(t == 0.0 and locked and rid.startswith("eval-policy") for t, locked, rid in seen)
+    assert metrics["actor_eval_passes"] == 1

@@ -13,7 +13,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf" / "actors" / "vllm_cpu.yaml"
 
 def test_yaml_builds_and_algo_supplies_group_size():
     # the interpolations (${run.cache_dir}, ${algo.temperature}) resolve against the composed config
-    root = OmegaConf.create({"actors": OmegaConf.load(CONF), "run": {"cache_dir": "/tmp/cache"},
+    root = OmegaConf.create({"actors": OmegaConf.load(CONF), "run": {"cache_dir": "/tmp/cache", "seed": 0},
                              "algo": {"temperature": 0.7, "group_size": 6}})
     actors = OmegaConf.to_container(root, resolve=True)["actors"]
     cfg = ActorConfig.from_dict({"actors": actors, "algo": {"group_size": 6}})

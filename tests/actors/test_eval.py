@@ -137,3 +137,28 @@ def test_command_line_arguments():
     assert cfg == {"sampling": {"temperature": 0.5}, "cache_dir": "/c"}
     with pytest.raises(SystemExit):
         cli.main(["eval", "--model", "m"])  # --data and --out are required
+
+
+def test_eval_modes_force_the_workflows_of_the_baselines():
+    from actors.episode import Question
+    from actors.eval import KIND_WORKFLOWS, RAG_WORKFLOW, heldout_questions, workflow_for
+
+    def q(kind, label="search_free", qid="x"):
+        return Question(id=qid, question="q", answer="a", aliases=[], image=b"", kind=kind, search_label=label)
+
+    assert workflow_for("policy", q("pixels")) is None
+    assert workflow_for("always_search", q("pixels")) == ("image_search", "text_search", "answer") == RAG_WORKFLOW
+    assert workflow_for("never_search", q("image_text_search")) == ("answer",)
+    assert workflow_for("workflow", q("pixels")) == ("answer",)
+    assert workflow_for("workflow", q("image_text_search")) == ("image_search", "text_search", "answer")
+    assert workflow_for("workflow", q("text_search")) == ("text_search", "answer") == KIND_WORKFLOWS["text_search"]
+    with pytest.raises(ValueError, match="no workflow"):
+        workflow_for("workflow", q("visual"))
+    with pytest.raises(ValueError, match="unknown eval mode"):
+        workflow_for("sometimes", q("pixels"))
+    questions = [q("pixels", "search_free", "a"), q("pixels", "search_free", "b"), q("text_search", "search_required",
+                 "c"), q("pixels", "search_free", "d"), q("text_search", "search_required", "e")]
+    assert [x.id for x in heldout_questions(questions, 2)] == ["a", "b", "c", "e"]
+    assert heldout_questions(questions, None) == questions
+    with pytest.raises(ValueError, match="per_label"):
+        heldout_questions(questions, 0)
