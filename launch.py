@@ -22,6 +22,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.cluster import RayCluster, SocketAlias, configure_process_env
+from launcher.heldout import report_text, start_tracker
+from launcher.search_check import check_run_search_path
 from launcher.logs import STAGES, quiet_console
 from launcher.metrics import MemorySampler, stream_metrics
 from launcher.prepare import build_world_and_base_model, check_config, prepare_questions
@@ -64,12 +66,16 @@ def main(cfg: DictConfig) -> int:
 
             summary = run_offline(conf, roles, model_path, questions, tools, sockets.path)
             return 0
+        check_run_search_path(conf, world, tools, run_dir)  # the oracle through the real tools: a sound path?
         learner = roles.start_learner(model_path)
         roles.start_actors(model_path, questions, tools, learner, sockets.path)
         write_manifest(run_dir, roles.where)  # where every role runs, readable during the run (rewritten at the end)
+        tracker = start_tracker(conf, roles, run_dir)  # held-out passes at step 0: the policy and the baselines
         supervisor.start_training(int(cfg.run.max_steps))
-        code = stream_metrics(conf["run"], run_dir, supervisor, memory, conf)
+        code = stream_metrics(conf["run"], run_dir, supervisor, memory, conf, tracker)
         summary = training_summary(run_dir, cfg.run.out_dir, time.monotonic() - started)
+        if tracker is not None:
+            summary += "\n" + report_text(tracker.report, cfg.run.out_dir)
         return code
     except KeyboardInterrupt:
         log.warning("interrupted: stopping every role (actors flush, learner checkpoints, tool servers drain)")

@@ -112,9 +112,11 @@ def with_throughput(row: dict[str, Any], previous_wall_s: float, wall_s: float) 
 
 
 def stream_metrics(run: Mapping[str, Any], run_dir: Path, supervisor: Any, memory: MemorySampler,
-                   config: Mapping[str, Any]) -> int:
+                   config: Mapping[str, Any], tracker: Any = None) -> int:
     """Write one row per learner step (joined with the roles' views the `supervisor` collects) to every sink until
-    max_steps (exit code 0), a role failure (raised) or run.timeout_s (exit code 1)."""
+    max_steps (exit code 0), a role failure (raised) or run.timeout_s (exit code 1). With a `tracker`
+    (launcher/heldout.py), its held-out passes are scheduled as steps come in, their rows go to the sinks too, and
+    at max_steps its final pass and the report are made before the sinks close."""
     started = time.monotonic()
     deadline = started + float(run["timeout_s"])
     max_steps = int(run["max_steps"])
@@ -138,8 +140,18 @@ def stream_metrics(run: Mapping[str, Any], run_dir: Path, supervisor: Any, memor
                 sinks.write(row)
                 display.update(row)
                 steps = int(row["step"])
+                if tracker is not None:
+                    tracker.on_step(steps)
+            if tracker is not None:
+                tracker.poll()
+                for row in tracker.drain_rows():
+                    sinks.write(row)
             if finished and steps >= max_steps:
                 stage.info("reached %d steps in %.0fs", steps, time.monotonic() - started)
+                if tracker is not None:
+                    tracker.report = tracker.finish(steps)
+                    for row in tracker.drain_rows():
+                        sinks.write(row)
                 return 0
             if time.monotonic() > deadline:
                 log.error("timed out after %.0fs at step %d of %d", run["timeout_s"], steps, max_steps)

@@ -47,7 +47,7 @@ def run_offline(conf: Mapping[str, Any], roles: Roles, model_path: Path, questio
     if mode == "eval":
         summary = roles.run_offline("eval", eval_task, str(model_path), str(questions), str(out), tools, actor_cfg,
                                     checkpoint=settings["checkpoint"], split=settings["split"],
-                                    limit=settings["limit"])
+                                    limit=settings["limit"], mode=settings["mode"])
         table = format_table(summary["table"])
     else:
         curation = {k: settings[k] for k in ("k", "free_min_acc", "required_min_acc", "free_fraction", "seed")}
@@ -62,7 +62,7 @@ def run_offline(conf: Mapping[str, Any], roles: Roles, model_path: Path, questio
 
 def eval_task(model_path: str, data_path: str, out_dir: str, tools: Mapping[str, list[str]],
               actor_cfg: Mapping[str, Any], checkpoint: str | None = None, split: str | None = None,
-              limit: int | None = None) -> dict[str, Any]:
+              limit: int | None = None, mode: str = "policy") -> dict[str, Any]:
     """Ray task: evaluate `model_path` (or the weights of `checkpoint` on top of it) with actors' eval; the
     outputs (samples.jsonl/.parquet, summary.json/.md) land in `out_dir`. Returns the summary."""
     _worker_setup()
@@ -75,7 +75,7 @@ def eval_task(model_path: str, data_path: str, out_dir: str, tools: Mapping[str,
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"run.eval.checkpoint={exc}") from None
         model_path = str(export_checkpoint(step, base_model_of(step, model_path), Path(out_dir) / "model"))
-    return run_eval(model_path, data_path, out_dir, dict(tools), dict(actor_cfg), split=split, limit=limit)
+    return run_eval(model_path, data_path, out_dir, dict(tools), dict(actor_cfg), split=split, limit=limit, mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------- curate

@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from actors.eval import EVAL_MODES
 from data import WorldConfig, WorldPaths, ensure_world
 from data.datasets import convert_dataset
+from launcher.heldout import ReportConfig
 from launcher.logs import STAGES
 from models import ModelConfig, ensure_base_model
 
@@ -40,6 +42,12 @@ def check_config(cfg: DictConfig) -> None:
         raise SystemExit(f"run.eval.checkpoint={cfg.run.eval.checkpoint} does not exist")
     if cfg.data.get("path") and not Path(cfg.data.path).exists():
         raise SystemExit(f"data.path={cfg.data.path} does not exist")
+    if cfg.run.mode == "eval" and cfg.run.eval.get("mode", "policy") not in EVAL_MODES:
+        raise SystemExit(f"run.eval.mode={cfg.run.eval.mode!r}; expected one of {list(EVAL_MODES)}")
+    try:
+        ReportConfig.from_dict(OmegaConf.to_container(cfg.run.report, resolve=True))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def build_world_and_base_model(conf: Mapping[str, Any]) -> WorldPaths:

@@ -75,7 +75,11 @@ def training_summary(run_dir: Path, shown: str | Path, seconds: float) -> str:
     lines = path.read_text().splitlines() if path.exists() else []
     if not lines:
         return f"no learner step finished in {seconds:.0f}s -> {shown} (logs in {Path(shown) / LOG_DIR})"
-    last = json.loads(lines[-1])
+    rows = [json.loads(line) for line in lines]
+    training = [r for r in rows if "trajectories" in r]  # held-out eval rows carry only eval/ keys
+    if not training:
+        return f"no learner step finished in {seconds:.0f}s -> {shown} (logs in {Path(shown) / LOG_DIR})"
+    last = training[-1]
     return (f"{int(last['step'])} step(s) in {seconds:.0f}s -> {shown}\n"
             f"last step: policy v{int(last.get('policy_version', 0))}, reward {last.get('reward_mean', 0.0):.3f}, "
             f"accuracy {last.get('accuracy', 0.0):.3f}, search ratio {last.get('search_ratio', 0.0):.3f}, "

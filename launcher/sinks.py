@@ -51,6 +51,8 @@ class TensorBoardSink:
 
     @classmethod
     def tag(cls, key: str) -> str:
+        if key.startswith("eval/"):  # held-out passes: eval/<mode>/<metric> (launcher/heldout.py)
+            return key
         if key in cls.ROLLOUT or key.startswith(("search_ratio_", "accuracy_")):
             return f"rollout/{key}"
         for prefix, group in cls.GROUPS:

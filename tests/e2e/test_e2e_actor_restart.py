@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_launch import QUICK_STOP, LaunchWatch
+from test_launch import NO_REPORT, QUICK_STOP, LaunchWatch
 
 STEPS = 2
 
@@ -76,7 +76,7 @@ def _gone(proc: psutil.Process) -> bool:
 def test_a_killed_rollout_actor_is_restarted_and_the_run_loses_nothing(tmp_path):
     run = LaunchWatch(tmp_path / "run", f"run.max_steps={STEPS}", "actors.num_actors=1", "algo.group_size=4",
                       "algo.groups_per_step=2", "algo.max_staleness=0", "actors.max_groups_in_flight=2",
-                      "learner.world_size=1", QUICK_STOP)
+                      "learner.world_size=1", QUICK_STOP, NO_REPORT)
     # Once step 1 is trained, wait until the actor plays both groups of step 2 (granted at version 1) at once: then it
     # is not between an admission reply and recording it (no grant can vanish with the process), and the spool
     # holds both grants. They play for about a second: watch the spool closely.

@@ -34,6 +34,10 @@ CONTRACT = ("step", "policy_version", "groups", "trajectories", "tokens_generate
             "learner_idle_frac", "step_time_s", "wall_time_s")
 # At max_steps the learner's intake is closed; groups still in flight are spooled after this long (not 45 s).
 QUICK_STOP = "actors.stop_timeout_s=10"
+# Every launch here starts from the smoke configuration (conf/experiment/smoke.yaml: a small warm start, cached
+# once for all of them, and a short held-out report); the tests override what they are about.
+SMOKE = "+experiment=smoke"
+NO_REPORT = "run.report.enabled=false"
 ROLE_TITLES = ("ray::RolloutActor", "ray::LearnerRank", "ray::ToolServerRole", "VLLM::", "ray::eval_task",
                "ray::curate_task")
 
@@ -68,7 +72,7 @@ class LaunchWatch:
         self.out = out
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "launch.py"), f"run.out_dir={out}", "run.timeout_s=900", *overrides],
+            [sys.executable, str(ROOT / "launch.py"), f"run.out_dir={out}", "run.timeout_s=900", SMOKE, *overrides],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
@@ -104,9 +108,16 @@ class LaunchWatch:
             self._chunks.append(self.proc.stdout.read() or b"")
         return b"".join(self._chunks).decode(errors="replace")
 
-    def rows(self) -> list[dict]:
+    def all_rows(self) -> list[dict]:
         path = self.out / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def rows(self) -> list[dict]:
+        """The learner steps' rows (held-out eval rows carry only `step` and eval/ keys)."""
+        return [r for r in self.all_rows() if "trajectories" in r]
+
+    def eval_rows(self) -> list[dict]:
+        return [r for r in self.all_rows() if "trajectories" not in r]
 
     def assert_nothing_left(self, keep: set[int] = frozenset()) -> None:
         assert not self.wide, f"listeners beyond loopback: {self.wide}"
@@ -183,11 +194,49 @@ def test_scaled_async_run_places_every_role_and_writes_every_sink(scaled_run):
     assert "EngineCore" in (logs / "actor0.log").read_text() and "EngineCore" not in run.output
     assert "learner up: 2 rank(s)" in run.output and "step 2/2" in run.output
     assert "2 step(s) in" in run.output and "/metrics.jsonl  logs: " in run.output
-    warm = run.out / "warm_start.jsonl"
-    if warm.exists():  # a fresh cache (CI's clean clone): this launch ran the tiny model's warm start on Ray
-        steps = [json.loads(line)["step"] for line in warm.read_text().splitlines()]
-        assert steps == list(range(1, len(steps) + 1)) and len(steps) == 550, steps[-3:]
+    warm = [json.loads(line) for line in (run.out / "warm_start.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in warm if "step" in row]
+    if steps:  # a fresh cache (CI's clean clone): this launch ran the tiny model's warm start on Ray
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) == 60, steps[-3:]  # conf/experiment/smoke
     run.assert_nothing_left()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # may be the test that starts the scaled launch
+def test_the_run_ends_with_a_report_made_of_its_held_out_eval_rows(scaled_run):
+    """conf/experiment/smoke's report: the policy and both baselines at step 0 and the policy at the end (step 2,
+    every 2 steps), on 8 held-out questions per label, as metrics rows; report.json/md/png hold those numbers."""
+    run = scaled_run
+    assert run.proc.returncode == 0, run.output[-6000:]
+    evals = run.eval_rows()
+    passes = sorted((r["step"], mode) for r in evals for mode in ("policy", "always_search", "never_search",
+                                                                   "workflow") if f"eval/{mode}/accuracy" in r)
+    assert passes == [(0, "always_search"), (0, "never_search"), (0, "policy"), (0, "workflow"), (2, "policy")]
+    for row in evals:
+        (mode,) = {k.split("/")[1] for k in row if k.startswith("eval/")}
+        assert row[f"eval/{mode}/n"] == 16 and row[f"eval/{mode}/n_search_free"] == 8
+    report = json.loads((run.out / "report.json").read_text())
+    by = {(r["step"], next(k.split("/")[1] for k in r if k.startswith("eval/"))): r for r in evals}
+    for key, (step, mode) in {"start": (0, "policy"), "end": (2, "policy"), "always_search": (0, "always_search"),
+                              "never_search": (0, "never_search")}.items():
+        for metric in ("accuracy", "search_ratio", "accuracy_search_free", "search_ratio_search_free",
+                       "accuracy_search_required", "search_ratio_search_required"):
+            assert report[key][metric] == pytest.approx(by[(step, mode)][f"eval/{mode}/{metric}"]), (key, metric)
+    assert report["always_search"]["search_ratio"] == 1.0 and report["never_search"]["search_ratio"] == 0.0
+    assert report["settings"]["run"]["max_steps"] == 2 and report["seed"] == 0 and len(report["targets"]) == 4
+    assert (run.out / "report.md").read_text().startswith("# Search on demand")
+    assert (run.out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out report (" in run.output and "| policy, step 2 (end) |" in run.output
+    warm = [json.loads(line) for line in (run.out / "warm_start.jsonl").read_text().splitlines()]
+    path = next(r["search_path"] for r in warm if "search_path" in r)
+    assert path["image_top1"] >= 0.9 and path["text_hit"] >= 0.9 and path["accuracy_text_search"] >= 0.9, path
+    assert any("heldout_workflow" in r for r in warm) and "search path (oracle through the tool servers" in run.output
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run.out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/policy/accuracy")] == [0, 2]
 
 
 @pytest.mark.e2e
@@ -242,7 +291,7 @@ def test_eval_mode_scores_a_checkpoint_on_an_fvqa_style_parquet(scaled_run, tmp_
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_sync_mode_trains_fresh_groups_and_ctrl_c_checkpoints_and_stops_everything(tmp_path):
-    run = LaunchWatch(tmp_path / "run", "run.mode=sync", "run.max_steps=1000", "algo.group_size=4")
+    run = LaunchWatch(tmp_path / "run", "run.mode=sync", "run.max_steps=1000", "algo.group_size=4", NO_REPORT)
     run.wait(until=lambda: len(run.rows()) >= 2)
     assert run.proc.poll() is None, run.output[-6000:]
     run.proc.send_signal(signal.SIGINT)
@@ -367,7 +416,7 @@ def test_two_node_cluster_places_the_learner_and_actors_on_different_nodes(tmp_p
     try:
         run = LaunchWatch(tmp_path / "run", f"run.ray_address={cluster.address}", "run.max_steps=2",
                           "algo.group_size=4", "run.placement.learner.resources={learner_node:1}",
-                          "run.placement.actors.resources={actor_node:1}", QUICK_STOP,
+                          "run.placement.actors.resources={actor_node:1}", QUICK_STOP, NO_REPORT,
                           env={"RAY_AUTH_TOKEN": cluster.token, "RAY_AUTH_MODE": "token"}, also=cluster.family)
         run.wait()
         print(f"two-node launch: {run.seconds:.0f}s")
