@@ -37,10 +37,12 @@ class Roles:
         """`replicas` servers per tool, spread over the nodes; returns {tool: [endpoint, ...]}."""
         from tool_servers.backends import TOOL_SECTIONS
         from tool_servers.server import ToolServerRole
+        from tool_servers.snapshot import SnapshotConfig
 
         cfg, run = self.cfg, self.cfg["run"]
         corpora = {"image_search": str(world.image_corpus), "text_search": str(world.text_corpus)}
         token = tool_token(cfg["tool_servers"])
+        snapshot = SnapshotConfig.from_mapping(cfg["tool_servers"])  # record / replay (absolute paths)
         options = {"scheduling_strategy": "SPREAD", **resource_options(self.placement.spec("tool_servers"))}
         endpoints: dict[str, list[str]] = {}
         for tool, section in TOOL_SECTIONS.items():
@@ -48,7 +50,7 @@ class Roles:
             backend_cfg["corpus"] = backend_cfg.get("corpus") or corpora[tool]
             replicas = [self._ray.remote(logged_actor(ToolServerRole, f"{tool}{i}", self.log_dir)).options(**options)
                         .remote(tool, backend_cfg, f"tcp://{run['bind_host']}:*", limits=cfg["tool_servers"]["limits"],
-                                token=token)
+                                token=token, snapshot=snapshot)
                         for i in range(int(backend_cfg["replicas"]))]
             self.tool_servers += replicas
             self.tool_names += [tool] * len(replicas)

@@ -1,6 +1,7 @@
-"""Command line: `python -m tool_servers serve|query|stats|gateway|mcp|build-corpus ...`.
+"""Command line: `python -m tool_servers serve|query|stats|gateway|mcp|build-corpus|snapshot ...`.
 
-Run a tool server alone, call one, front replicas with the HTTP/MCP gateway, or build an offline corpus.
+Run a tool server alone, call one, front replicas with the HTTP/MCP gateway, build an offline corpus, or inspect,
+merge and export recorded search snapshots.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tool_servers.discovery import read_discovery, register, unregister
 from tool_servers.errors import ToolCallError
 from tool_servers.limits import ServerLimits
 from tool_servers.server import ToolServer, advertised, build_cache
+from tool_servers.snapshot import REPLAY_MISS, SnapshotConfig, SnapshotError
 
 log = logging.getLogger("tool_servers")
 
@@ -65,16 +67,21 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _serve_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tool section, limits) from --config (a conf/tool_servers/*.yaml) overridden by the flags."""
+def _serve_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], SnapshotConfig]:
+    """(tool section, limits, snapshot knobs) from --config (a conf/tool_servers/*.yaml) overridden by the flags."""
     section: dict[str, Any] = {}
     limits: dict[str, Any] = {}
+    snapshot: dict[str, Any] = {}
     if args.config:
         import yaml
 
         conf = yaml.safe_load(Path(args.config).read_text()) or {}
         section = dict(conf.get(TOOL_SECTIONS[args.tool]) or {})
         limits = dict(conf.get("limits") or {})
+        snapshot = {key: conf.get(key) for key in ("record", "replay", "replay_miss")}
+    for key in ("record", "replay", "replay_miss"):
+        if getattr(args, key) is not None:
+            snapshot[key] = getattr(args, key)
     section.pop("replicas", None)  # one process is one replica
     if args.backend is not None:
         section["backend"] = args.backend
@@ -91,15 +98,18 @@ def _serve_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
             cache["max_entries"] = args.cache_entries
         section["cache"] = cache
     limits.update(_pairs(args.limit, "limit"))
-    return section, limits
+    return section, limits, SnapshotConfig.from_mapping(snapshot)
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    section, limits = _serve_config(args)
+    section, limits, snapshot = _serve_config(args)
+    if snapshot.replay and (args.cache_dir is not None or args.cache_entries is not None):
+        raise SystemExit("--replay answers from the snapshot alone: drop --cache-dir / --cache-entries")
     backend = build_backend(args.tool, section)
     try:
+        cache = None if snapshot.replay else build_cache(args.tool, section)
         server = ToolServer({args.tool: backend}, bind=args.bind, token=_token(args.token_env),
-                            limits=ServerLimits.from_mapping(limits), cache=build_cache(args.tool, section))
+                            limits=ServerLimits.from_mapping(limits), cache=cache, snapshot=snapshot)
         endpoint = advertised(await server.start(), args.advertise_host)
     except BaseException:
         backend.close()
@@ -225,6 +235,37 @@ def _build_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot(args: argparse.Namespace) -> int:
+    from tool_servers import snapshot
+
+    try:
+        if args.action == "info":
+            summary = snapshot.info(args.path)
+            if args.json:
+                print(json.dumps(summary, indent=2, sort_keys=True))
+                return 0
+            print(f"{summary['file']}: {summary['format']} v{summary['version']}, {summary['replies']} replies, "
+                  f"{summary['bytes']} bytes")
+            for tool, count in summary["replies_per_tool"].items():
+                print(f"  {tool}: {count}")
+            for source, count in summary["replies_per_source"].items():
+                print(f"  recorded from {source}: {count}")
+            if summary["empty_replies"]:
+                print(f"  replies with no items: {summary['empty_replies']}")
+            return 0
+        if args.action == "merge":
+            for source, added in snapshot.merge(args.out, args.inputs).items():
+                print(f"{source}: {added} replies added")
+            print(f"{snapshot.snapshot_file(args.out)}: {snapshot.info(args.out)['replies']} replies")
+            return 0
+        count = snapshot.export(args.path, args.out, args.format, args.tool)
+        print(f"wrote {count} replies to {args.out}")
+        return 0
+    except SnapshotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tool_servers", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -244,6 +285,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-entries", type=int, help="enable the in-memory result cache with this many entries")
     serve.add_argument("--cache-dir", help="enable the result cache with an on-disk store in this folder")
     serve.add_argument("--discovery", help="add this replica to a discovery file (removed on stop)")
+    serve.add_argument("--record", help="record every ok reply into this snapshot folder")
+    serve.add_argument("--replay", help="answer from this snapshot folder (no result cache)")
+    serve.add_argument("--replay-miss", choices=REPLAY_MISS, help="a request the snapshot lacks: error (default, "
+                                                                  "a backend_error reply) or live (ask the backend)")
 
     def client_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--endpoint", action="append", default=[], help="replica endpoint (repeatable)")
@@ -286,6 +331,22 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("out", help="output JSONL file")
     corpus.add_argument("--lang", default="en-us", choices=["en-us", "es-es", "fr-fr"])
     corpus.add_argument("--limit", type=int, help="keep only the first N pages")
+
+    snap = sub.add_parser("snapshot", help="inspect, merge or export recorded search snapshots")
+    actions = snap.add_subparsers(dest="action", required=True)
+    snap_info = actions.add_parser("info", help="replies per tool and per backend, size, format")
+    snap_info.add_argument("path", help="snapshot folder (or its snapshot.sqlite3)")
+    snap_info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    snap_merge = actions.add_parser("merge", help="add the replies of snapshots to another (created when missing); "
+                                                  "for a request in several, the one already there, else the "
+                                                  "earliest input, is kept")
+    snap_merge.add_argument("out", help="snapshot folder to merge into")
+    snap_merge.add_argument("inputs", nargs="+", help="snapshot folders to merge from")
+    snap_export = actions.add_parser("export", help="write the replies as JSONL (base64 images) or parquet")
+    snap_export.add_argument("path", help="snapshot folder")
+    snap_export.add_argument("out", help="output file (.jsonl or .parquet)")
+    snap_export.add_argument("--format", choices=["jsonl", "parquet"], help="default: from the file's suffix")
+    snap_export.add_argument("--tool", help="only this tool's replies")
     return parser
 
 
@@ -296,8 +357,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "build-corpus":
         return _build_corpus(args)
+    if args.command == "snapshot":
+        return _snapshot(args)
     command = {"serve": _serve, "query": _query, "stats": _stats, "gateway": _gateway, "mcp": _mcp}[args.command]
-    return asyncio.run(command(args))
+    try:
+        return asyncio.run(command(args))
+    except SnapshotError as exc:  # a bad --record/--replay path: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

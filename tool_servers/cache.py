@@ -1,13 +1,15 @@
 """Result cache of a tool server: an in-memory LRU plus an optional on-disk store (SQLite), shared by replicas.
 
-Keys are a hash of the backend's namespace, the tool and the normalised arguments (strings NFKC-normalised,
-case-folded and whitespace-collapsed; bytes such as images by content hash), so "Who built  Harrow?" and
-"who built harrow?" share an entry and an image hits however it is named. Values are the msgpack-encoded hits,
+Keys are a hash of the backend's namespace, the tool and the normalised arguments (`request_text`: strings
+NFKC-normalised, case-folded and whitespace-collapsed; bytes such as images by content hash), so "Who built  Harrow?"
+and "who built harrow?" share an entry and an image hits however it is named. Snapshots (tool_servers/snapshot.py)
+key their replies by the same `request_text`. Values are the msgpack-encoded hits,
 so the memory bound is exact and every hit hands out fresh objects. Only ok results are cached, never errors.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sqlite3
 import threading
@@ -38,18 +40,30 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def cache_key(namespace: str, tool: str, args: Mapping[str, Any]) -> str:
-    """The cache key of one request: namespace and tool, then each argument normalised, in name order."""
-    parts: list[Any] = [namespace, tool]
-    for name in sorted(args):
-        value = args[name]
+def normalised_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """A request's arguments as the cache and snapshots key them: strings by `normalise_query`, bytes (images) as
+    {"blake2b": their content hash}, numbers and booleans unchanged (1, 1.0 and true stay apart on purpose:
+    backends may treat them differently)."""
+    out: dict[str, Any] = {}
+    for name, value in args.items():
         if isinstance(value, str):
-            parts.append((name, "s", normalise_query(value)))
+            out[name] = normalise_query(value)
         elif isinstance(value, bytes):
-            parts.append((name, "b", content_hash(value)))
-        else:  # numbers and booleans, as their repr (1 and 1.0 stay apart on purpose: backends may differ)
-            parts.append((name, type(value).__name__, repr(value)))
-    return hashlib.blake2b(_encoder.encode(parts), digest_size=20).hexdigest()
+            out[name] = {"blake2b": content_hash(value)}
+        else:
+            out[name] = value
+    return out
+
+
+def request_text(args: Mapping[str, Any]) -> str:
+    """The normalised request as canonical JSON (keys sorted, no spaces, UTF-8 kept): the snapshots' key, e.g.
+    `{"query":"who built harrow?"}` or `{"image":{"blake2b":"9f3c..."}}`."""
+    return json.dumps(normalised_args(args), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def cache_key(namespace: str, tool: str, args: Mapping[str, Any]) -> str:
+    """The cache key of one request: a hash of the namespace, the tool and `request_text(args)`."""
+    return hashlib.blake2b(_encoder.encode([namespace, tool, request_text(args)]), digest_size=20).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Every request is answered exactly once and never after its deadline: a timer sends `timeout` just before the
 deadline, and a result that comes later is dropped (and counted). A result cache answers repeated queries
-from memory on the event loop, or from disk in the worker thread before the backend is asked.
+from memory on the event loop, or from disk in the worker thread before the backend is asked. A snapshot
+(tool_servers/snapshot.py) records every ok reply, or answers in the backend's place when replaying.
 `ToolServerRole` runs a server on its own thread and event loop so that plain Python (or a Ray actor in
 launch.py) can start, query and stop it.
 """
@@ -44,9 +45,10 @@ from protocol.metrics import Metrics
 from protocol.sockets import bind as bind_socket
 from protocol.sockets import configure, is_loopback_endpoint
 from tool_servers.backends import DEPLOYMENT_KEYS, Backend, BatchResult, build_backend
-from tool_servers.cache import CacheConfig, ResultCache
+from tool_servers.cache import CacheConfig, ResultCache, request_text
 from tool_servers.errors import ToolCallError
 from tool_servers.limits import ServerLimits, check_args
+from tool_servers.snapshot import SnapshotConfig, SnapshotReader, SnapshotRecorder
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class _Pending:
     timer: Optional[asyncio.TimerHandle] = None
     answered: bool = False
     cache_key: Optional[str] = None
+    request_text: Optional[str] = None  # the normalised request, when a snapshot records or replays
 
 
 @dataclass
@@ -95,20 +98,30 @@ class ToolServer:
     Loopback binds by default; binding beyond loopback requires a shared `token`, which every request must
     then carry (compared in constant time). All socket I/O happens on the event loop; backends run in
     per-tool executor threads. `cache` (optional) is shared by all tools; its keys include the tool name.
+    `snapshot` (optional): `record` stores every ok reply in a snapshot; `replay` answers from one before (and,
+    with replay_miss="error", instead of) the backend, and cannot be combined with a cache.
     """
 
     def __init__(self, backends: Mapping[str, Backend], *, bind: str = "tcp://127.0.0.1:*",
                  token: str | None = None, limits: ServerLimits | None = None,
-                 metrics: Metrics | None = None, cache: ResultCache | None = None) -> None:
+                 metrics: Metrics | None = None, cache: ResultCache | None = None,
+                 snapshot: SnapshotConfig | None = None) -> None:
         if not backends:
             raise ValueError("ToolServer needs at least one backend")
         if not is_loopback_endpoint(bind) and not token:
             raise ValueError(f"binding {bind!r} beyond loopback requires a token")
+        snapshot = snapshot or SnapshotConfig()
+        if snapshot.replay and cache is not None:
+            raise ValueError("a replaying tool server answers from its snapshot alone: build it without a cache")
         self.backends = dict(backends)
         self.bind = bind
         self.limits = limits or ServerLimits()
         self.metrics = metrics or Metrics()
         self.cache = cache
+        self.snapshot = snapshot
+        self._replay: SnapshotReader | None = None
+        self._recorder: SnapshotRecorder | None = None
+        self._sources = {tool: type(backend).__name__ for tool, backend in self.backends.items()}
         self.endpoint: str | None = None
         self._token = token.encode() if token else None
         self._socket: zmq.asyncio.Socket | None = None
@@ -122,6 +135,9 @@ class ToolServer:
         for name in ("requests", "replies_ok", "expired_in_queue", "late_results_dropped", "undecodable_frames",
                      "cache_hits", "cache_hits_disk", "cache_misses"):
             self.metrics.inc(name, 0.0)
+        if snapshot.enabled:
+            for name in ("snapshot_hits", "snapshot_misses", "snapshot_records", "snapshot_record_dropped"):
+                self.metrics.inc(name, 0.0)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -129,6 +145,7 @@ class ToolServer:
         """Bind, start the receive loop and the workers; return the concrete endpoint."""
         if self._socket is not None:
             raise RuntimeError(f"ToolServer already started on {self.endpoint}")
+        self._open_snapshots()  # bad snapshot paths fail the start, before anything listens
         self._closed = asyncio.Event()
         socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         configure(socket, self.limits.socket_max_frame_bytes)
@@ -136,6 +153,7 @@ class ToolServer:
             self.endpoint = bind_socket(socket, self.bind, allow_remote=self._token is not None)
         except Exception:
             socket.close(linger=0)
+            self._close_snapshots()
             raise
         self._socket = socket
         for tool, backend in self.backends.items():
@@ -191,12 +209,38 @@ class ToolServer:
                 log.exception("closing backend %s failed", tool)
         if self.cache is not None:
             self.cache.close()
+        self._close_snapshots()
         self._socket.close(linger=0)
         log.info("tool server on %s stopped", self.endpoint)
         self._closed.set()
 
+    def _open_snapshots(self) -> None:
+        try:
+            if self.snapshot.replay:
+                self._replay = SnapshotReader(self.snapshot.replay)
+                log.info("replaying tool replies from %s (a miss: %s)", self._replay.file, self.snapshot.replay_miss)
+            if self.snapshot.record:
+                self._recorder = SnapshotRecorder(self.snapshot.record, self.metrics)
+                log.info("recording tool replies into %s", self._recorder.file)
+        except BaseException:
+            self._close_snapshots()
+            raise
+
+    def _close_snapshots(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
+        if self._replay is not None:
+            self._replay.close()
+            self._replay = None
+
+    def flush_snapshot(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every reply recorded so far is in the snapshot file (True when there is nothing to record)."""
+        return self._recorder is None or self._recorder.flush(timeout_s)
+
     def stats(self) -> dict[str, float]:
-        """Counters (requests, replies_ok, error_<code>, drops, cache_*), latency_ms summary, queue depth."""
+        """Counters (requests, replies_ok, error_<code>, drops, cache_*, snapshot_*), latency_ms summary, queue
+        depth."""
         self.metrics.set("pending", len(self._pending))
         self.metrics.set("queued", sum(lane.queue.qsize() for lane in self._lanes.values()))
         if self.cache is not None:
@@ -275,12 +319,14 @@ class ToolServer:
                 )
             check_args(request.args, self.limits)
             lane.backend.validate(request.args)
+            if self.snapshot.enabled:
+                pending.request_text = request_text(request.args)
             if self.cache is not None:
                 pending.cache_key = self.cache.key(request.tool, request.args)
                 items = self.cache.get_memory(pending.cache_key)
                 if items is not None:
                     self.metrics.inc("cache_hits")
-                    self._answer(pending, items=items, cached=True)
+                    self._answer(pending, items=items, source="cache")
                     return
             lane.queue.put_nowait(pending)
         except ToolCallError as exc:
@@ -322,11 +368,11 @@ class ToolServer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         batch_error: Exception | None = None
-        cached = [False] * len(batch)
+        sources = ["live"] * len(batch)
         try:
-            results, cached = await loop.run_in_executor(
+            results, sources = await loop.run_in_executor(
                 lane.executor, self._run_batch, tool, lane.backend,
-                [dict(p.request.args) for p in batch], [p.cache_key for p in batch],
+                [dict(p.request.args) for p in batch], [p.cache_key for p in batch], [p.request_text for p in batch],
             )
         except Exception as exc:
             log.warning("%s search_batch of %d failed: %s: %s", tool, len(batch), type(exc).__name__, exc)
@@ -334,9 +380,11 @@ class ToolServer:
             results = [exc] * len(batch)
         self.metrics.observe("batch_size", len(batch))
         self.metrics.observe(f"backend_ms_{tool}", (loop.time() - started) * 1000.0)
-        for pending, result, hit in zip(batch, results, cached):
+        for pending, result, source in zip(batch, results, sources):
             if pending.answered:
                 self.metrics.inc("late_results_dropped")
+                if not isinstance(result, BaseException):  # paid for all the same: a replay will have it
+                    self._record(pending, result, source)
             elif isinstance(result, BaseException):
                 error = result if isinstance(result, ToolCallError) else ToolCallError(
                     "backend_error", f"{type(result).__name__}: {result}")
@@ -344,18 +392,30 @@ class ToolServer:
                     log.warning("%s request %s failed: %s", tool, pending.request.id, error.message)
                 self._answer(pending, error=error)
             else:
-                self._answer(pending, items=result, cached=hit)
+                self._answer(pending, items=result, source=source)
 
-    def _run_batch(self, tool: str, backend: Backend, batch: list[dict[str, Any]],
-                   keys: list[str | None]) -> tuple[list[BatchResult], list[bool]]:
-        """In the executor: disk-cache lookups, one search_batch for the rest (duplicates searched once), stores.
+    def _run_batch(self, tool: str, backend: Backend, batch: list[dict[str, Any]], keys: list[str | None],
+                   requests: list[str | None]) -> tuple[list[BatchResult], list[str]]:
+        """In the executor: snapshot lookups (replay), disk-cache lookups, one search_batch for the rest (duplicates
+        searched once), stores. Returns each result and where it came from: "snapshot", "cache" or "live".
 
         Raises when search_batch raises or breaks its contract (that fails the whole batch).
         """
         results: list[BatchResult | None] = [None] * len(batch)
-        cached = [False] * len(batch)
-        todo: dict[str, list[int]] = {}  # one search per distinct key; uncached requests get their own slot
+        sources = ["live"] * len(batch)
+        todo: dict[str, list[int]] = {}  # one search per distinct request; unkeyed requests get their own slot
         for i, key in enumerate(keys):
+            if self._replay is not None and requests[i] is not None:
+                hit = self._replay.get(tool, requests[i])
+                if hit is not None:
+                    self.metrics.inc("snapshot_hits")
+                    results[i], sources[i] = hit, "snapshot"
+                    continue
+                self.metrics.inc("snapshot_misses")
+                if self.snapshot.replay_miss == "error":
+                    results[i] = ToolCallError("backend_error", f"snapshot miss: {tool} {requests[i]:.300} is not "
+                                                                f"in the replayed snapshot {self._replay.file}")
+                    continue
             if key is not None and self.cache is not None:
                 # memory again: an identical request queued earlier may have filled it since admission
                 hit = self.cache.get_memory(key)
@@ -365,9 +425,9 @@ class ToolServer:
                         self.metrics.inc("cache_hits_disk")
                 if hit is not None:
                     self.metrics.inc("cache_hits")
-                    results[i], cached[i] = hit, True
+                    results[i], sources[i] = hit, "cache"
                     continue
-            todo.setdefault(key if key is not None else f"#{i}", []).append(i)
+            todo.setdefault(key or requests[i] or f"#{i}", []).append(i)
         if todo:
             if self.cache is not None:
                 self.metrics.inc("cache_misses", sum(len(slots) for slots in todo.values()))
@@ -386,13 +446,14 @@ class ToolServer:
                         self.cache.put(key, result)
                 for i in slots:
                     results[i] = result
-        return results, cached
+        return results, sources
 
     # ------------------------------------------------------------------ replying
 
     def _answer(self, pending: _Pending, *, items: list[ToolItem] | None = None,
-                error: ToolCallError | None = None, cached: bool = False) -> None:
-        """Send the one reply of a request (no-op when it was already answered)."""
+                error: ToolCallError | None = None, source: str = "live") -> None:
+        """Send the one reply of a request (no-op when it was already answered); `source` is where ok items came
+        from ("live", "cache" or "snapshot"): replies from a cache or a snapshot say `cached`."""
         if pending.answered:
             return
         pending.answered = True
@@ -404,7 +465,9 @@ class ToolServer:
         request = pending.request
         if error is None:
             self.metrics.inc("replies_ok")
-            reply = ToolReply(id=request.id, ok=True, items=items or [], cached=cached, server_ms=server_ms)
+            reply = ToolReply(id=request.id, ok=True, items=items or [], cached=source != "live",
+                              server_ms=server_ms)
+            self._record(pending, reply.items, source)
         else:
             self.metrics.inc(f"error_{error.code}")
             if error.code not in ("timeout", "overloaded", "backend_error"):
@@ -412,6 +475,14 @@ class ToolServer:
             reply = ToolReply(id=request.id, ok=False, error=ToolError(code=error.code, message=error.message),
                               server_ms=server_ms)
         self._send(pending.route, reply)
+
+    def _record(self, pending: _Pending, items: list[ToolItem], source: str) -> None:
+        """Hand an ok reply to the recorder (unless it came from the very snapshot being recorded)."""
+        if self._recorder is None or pending.request_text is None:
+            return
+        if source == "snapshot" and self._replay is not None and self._replay.file == self._recorder.file:
+            return
+        self._recorder.add(pending.request.tool, pending.request_text, items, self._sources[pending.request.tool])
 
     def _frame_error(self, route: tuple[bytes, ...], code: str, message: str, request_id: str) -> None:
         self.metrics.inc(f"error_{code}")
@@ -466,18 +537,20 @@ class ToolServerRole:
 
     `backend_cfg` is the tool's conf section (see build_backend; its optional `cache:` mapping builds the
     server's ResultCache); `limits` the conf `limits:` mapping. `advertise_host` replaces a wildcard bind
-    address in the returned endpoint (replicas on other hosts bind 0.0.0.0 and need a token).
+    address in the returned endpoint (replicas on other hosts bind 0.0.0.0 and need a token). `snapshot`: the
+    conf's `record` / `replay` / `replay_miss` (a replaying server has no result cache: the snapshot is the store).
     """
 
     def __init__(self, tool: str, backend_cfg: Mapping[str, Any], bind: str = "tcp://127.0.0.1:*", *,
                  limits: ServerLimits | Mapping[str, Any] | None = None, token: str | None = None,
-                 advertise_host: str | None = None) -> None:
+                 advertise_host: str | None = None, snapshot: SnapshotConfig | Mapping[str, Any] | None = None) -> None:
         self.tool = tool
         self.backend_cfg = dict(backend_cfg)
         self.bind = bind
         self.limits = limits if isinstance(limits, ServerLimits) else ServerLimits.from_mapping(limits)
         self.token = token
         self.advertise_host = advertise_host
+        self.snapshot = snapshot if isinstance(snapshot, SnapshotConfig) else SnapshotConfig.from_mapping(snapshot)
         CacheConfig.from_mapping(self.backend_cfg.get("cache"))  # typos in the cache section fail here, early
         self.endpoint: str | None = None
         self._server: ToolServer | None = None
@@ -489,9 +562,9 @@ class ToolServerRole:
         if self._thread is not None:
             raise RuntimeError(f"ToolServerRole({self.tool}) already started on {self.endpoint}")
         backend = build_backend(self.tool, self.backend_cfg)
-        cache = build_cache(self.tool, self.backend_cfg)
+        cache = None if self.snapshot.replay else build_cache(self.tool, self.backend_cfg)  # the snapshot is the store
         self._server = ToolServer({self.tool: backend}, bind=self.bind, token=self.token, limits=self.limits,
-                                  cache=cache)
+                                  cache=cache, snapshot=self.snapshot)
         self._loop = asyncio.new_event_loop()
         started: concurrent.futures.Future[str] = concurrent.futures.Future()
 
