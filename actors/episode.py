@@ -104,14 +104,15 @@ async def _generate(engine: Engine, request: TurnRequest, cfg: EpisodeConfig, me
 
 async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str, ToolCaller], question: Question,
                       cfg: EpisodeConfig, sampling: SamplingConfig, request_id: str, seed: int | None = None,
-                      metrics: Metrics | None = None, workflow: Sequence[str] | None = None) -> EpisodeResult:
+                      metrics: Metrics | None = None, workflow: Sequence[str] | None = None,
+                      hint: str | None = None) -> EpisodeResult:
     """Play one episode to its end; the result's finish_reason says why it ended (every turn either ends the
     episode or makes a call, and a call in the last turn ends it, so the loop always ends by a `break`).
 
     `workflow` (evaluation only) forces the action of each turn: the model writes its reason, then the turn goes
     on with FORCED_ACTIONS[workflow[i]] (image_search, text_search or answer) appended as prompt tokens (mask 0),
     and the model writes the query or answer. A turn whose reason does not close is left as generated; turns
-    beyond the workflow are free.
+    beyond the workflow are free. `hint` adds a workflow hint (episode.prompts.HINTS) to the first user turn.
 
     Engine errors propagate (the caller re-runs the whole episode); tool failures do not: the model reads
     MMSearch-R1's in-band error text and the error is counted."""
@@ -123,7 +124,7 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
     started = time.perf_counter()
     result = EpisodeResult(images=[question.image])
     images = [decode_image(question.image)]
-    prompt = tok.first_prompt(question.question)  # the running token list as sent: one placeholder per image
+    prompt = tok.first_prompt(question.question, hint)  # the running token list as sent: one placeholder per image
     pending_extra = tok.image_tokens(images[0]) - 1  # expansion of images the engine has not seen yet
     consumed = 0  # prefix of `prompt` the engine has consumed (its expanded form is result.token_ids)
     generate_s = tool_s = 0.0

@@ -30,11 +30,13 @@ log = logging.getLogger(__name__)
 TABLE_COLUMNS = ("group", "n", "accuracy", "reward", "format", "SR", "SR_image", "SR_text", "searched",
                  "searches", "turns", "tool_errors")
 
-# How an evaluation plays each question (run_episode's `workflow`):
+# How an evaluation plays each question (run_episode's `workflow` and `hint`): as MMSearch-R1 prompts its baselines,
+# always_search and never_search tell the model the workflow (episode.prompts.HINTS) and force its actions too.
 #   policy         the model decides every turn
-#   always_search  the RAG workflow: image search, then text search, then the answer (MMSearch-R1's baseline)
-#   never_search   the answer at once, no search
-#   workflow       the searches the question's kind needs, as the oracle plays it (the warm start's check)
+#   always_search  the RAG workflow: image search, then text search, then the answer (hint + forced)
+#   never_search   the answer at once, no search (hint + forced)
+#   workflow       what each question's kind needs: search-free questions answered directly (as never_search),
+#                  search-required ones with the searches the oracle makes (forced): the warm start's check
 EVAL_MODES = ("policy", "always_search", "never_search", "workflow")
 RAG_WORKFLOW = (IMAGE_SEARCH, TEXT_SEARCH, ANSWER)
 KIND_WORKFLOWS = {"pixels": (ANSWER,), "image_search": (IMAGE_SEARCH, ANSWER),
@@ -55,6 +57,15 @@ def workflow_for(mode: str, question: Question) -> tuple[str, ...] | None:
                              f"{sorted(KIND_WORKFLOWS)}")
         return KIND_WORKFLOWS[question.kind]
     raise ValueError(f"unknown eval mode {mode!r}; known: {EVAL_MODES}")
+
+
+def hint_for(mode: str, question: Question) -> str | None:
+    """The workflow hint `question` shows in eval `mode` (episode.prompts.HINTS), if any."""
+    if mode in ("always_search", "never_search"):
+        return mode
+    if mode == "workflow" and workflow_for(mode, question) == (ANSWER,):
+        return "never_search"
+    return None
 
 
 def heldout_questions(questions: list[Question], per_label: int | None) -> list[Question]:
@@ -138,12 +149,13 @@ async def eval_questions(engine: Any, tok: EpisodeTokenizer, tools: Mapping[str,
     slots = asyncio.Semaphore(cfg.max_concurrency)
     metrics = metrics or Metrics()
     workflows = [workflow_for(mode, q) for q in questions]  # bad modes and kinds fail before any episode
+    hints = [hint_for(mode, q) for q in questions]
 
     async def one(i: int, question: Question) -> dict[str, Any]:
         async with slots:
             result = await run_episode(engine, tok, tools, question, cfg.episode, cfg.sampling,
                                        request_id=f"{request_prefix}-{i}", seed=seed + i, metrics=metrics,
-                                       workflow=workflows[i])
+                                       workflow=workflows[i], hint=hints[i])
         return sample_row(question, result, cfg)
 
     return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(questions))))

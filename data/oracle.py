@@ -25,10 +25,8 @@ from episode.turns import IMAGE_SEARCH, TEXT_SEARCH
 
 # The assistant's phrases. Short on purpose: every token between a result and the copy of it is compute and
 # distance for a 2-layer model; the fact turn quotes the snippet verbatim, so copying it is token for token.
-SEE = "i see a {look}."  # every first turn starts by describing the picture: the decision comes after it, so an
-# answer forced right after any first reason still has the colour and shape to copy (never_search, the warm start's
-# pixel check), and RL's search decision on a search-free question is the words after the description
 SEARCH_IMAGE = "i search the image."
+SEE = "i see a {look}."
 TOP_RESULT = "the top result is {name}."
 OBJECT_IS = "the object is {name}. i need its {attribute}."
 NEED = "i need the {attribute} of {name}."
@@ -41,9 +39,10 @@ class OracleConfig:
     fresh_name_fraction: float = 1.0  # search episodes whose entity names are all swapped for fresh random names
     fact_shuffle_fraction: float = 1.0  # search episodes whose facts (on every page shown) are redrawn at random
     fresh_value_fraction: float = 0.5  # of redrawn cities and makers: a made-up one (else one of the world's)
-    rag_fraction: float = 0.15  # episodes (any kind) played as the RAG workflow: image search, then text search
-    # for "NAME ATTRIBUTE" (colour/shape/name: the page's look sentence), then the answer; what the always_search
-    # baseline plays, so that baseline measures the warm start rather than an unseen turn order
+    rag_fraction: float = 0.15  # episodes (any kind) played as the RAG workflow under its hint (prompts.HINTS): image
+    # search, text search for "NAME ATTRIBUTE" (colour/shape/name: the page's look sentence), answer; so the
+    # always_search baseline measures the warm start rather than a turn order it never saw
+    never_hint_fraction: float = 0.5  # search-free episodes answered directly that show the never_search hint
     image_results: int = 1  # hits per image search (the right entity first): tool_servers.image.top_k
     text_results: int = 1  # hits per text search (the queried page first): tool_servers.text.top_k
     snippet_sentences: int = 1  # text hits are the page's sentence the query names (1) or its beginning (0)
@@ -51,7 +50,7 @@ class OracleConfig:
 
     def validate(self) -> None:
         for name in ("pixel_search_fraction", "fresh_name_fraction", "fact_shuffle_fraction", "fresh_value_fraction",
-                     "rag_fraction"):
+                     "rag_fraction", "never_hint_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value} must be in [0, 1]")
@@ -183,10 +182,12 @@ def oracle_episode(row: dict, world: World, rng: np.random.Generator, cfg: Oracl
     see = SEE.format(look=f"{entity.colour} {entity.shape}")
     image_call = prompts.IMAGE_SEARCH_CALL
     turns: list[OracleTurn] = []
+    hint = "always_search" if rag else None
+    if not searches and rng.random() < cfg.never_hint_fraction:
+        hint = "never_search"
 
     def image_turn() -> OracleTurn:
-        return OracleTurn(_turn(f"{see} {SEARCH_IMAGE}", image_call), IMAGE_SEARCH,
-                          image_hits(world, entity, cfg, rng, shown))
+        return OracleTurn(_turn(SEARCH_IMAGE, image_call), IMAGE_SEARCH, image_hits(world, entity, cfg, rng, shown))
 
     def text_turn(reason: str, about: str) -> OracleTurn:
         return OracleTurn(_turn(reason, _text_query(f"{name} {about}")), TEXT_SEARCH,
@@ -212,10 +213,10 @@ def oracle_episode(row: dict, world: World, rng: np.random.Generator, cfg: Oracl
         turns.append(text_turn(OBJECT_IS.format(name=name, attribute=attribute), attribute))
         turns.append(fact_turn(turns[-1].results, attribute))
     else:  # text_search
-        turns.append(text_turn(f"{see} {NEED.format(attribute=attribute, name=name)}", attribute))
+        turns.append(text_turn(NEED.format(attribute=attribute, name=name), attribute))
         turns.append(fact_turn(turns[-1].results, attribute))
     return OracleEpisode(question_id=row["id"], kind=kind, question=question, image=row["image"], answer=answer,
-                         turns=tuple(turns), fresh_names=bool(shown.mapping))
+                         turns=tuple(turns), fresh_names=bool(shown.mapping), hint=hint)
 
 
 def oracle_episodes(world: World, split: str, seed: int, cfg: OracleConfig = OracleConfig()) -> list[OracleEpisode]:

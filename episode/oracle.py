@@ -38,6 +38,7 @@ class OracleEpisode:
     answer: str  # the answer the turns end with (the fresh name for a swapped name question)
     turns: tuple[OracleTurn, ...]
     fresh_names: bool
+    hint: str | None = None  # the workflow hint the first user turn shows (prompts.HINTS), if any
 
     @property
     def searches(self) -> int:
@@ -48,7 +49,7 @@ def episode_messages(episode: OracleEpisode, fmt: prompts.PromptFormat = prompts
                      ) -> tuple[list[dict], list[bytes]]:
     """HF chat messages of `episode` as an actor shows them in prompt format `fmt`, and its images in message
     order."""
-    messages = [fmt.first_user_message(episode.question)]
+    messages = [fmt.first_user_message(episode.question, episode.hint)]
     images = [episode.image]
     for turn in episode.turns:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
@@ -70,7 +71,7 @@ def oracle_trajectory(tok: EpisodeTokenizer, episode: OracleEpisode) -> Trajecto
         return expand_placeholders(ids, tok.image_pad_id, [tok.image_tokens_of_size(*image_size(b)) for b in images])
 
     images = [episode.image]
-    ids = expanded(tok.first_prompt(episode.question), images)
+    ids = expanded(tok.first_prompt(episode.question, episode.hint), images)
     mask = [0] * len(ids)
     searches = {"image_search": 0, "text_search": 0}
     for turn in episode.turns:

@@ -41,6 +41,14 @@ CONTINUE_INSTRUCTION = (
 
 NO_RESULTS = "no results"
 
+# Workflow hints: a line after the question that imposes a workflow on the model, as MMSearch-R1 prompts its
+# baselines (the RAG workflow; a direct answer). The evaluations' always_search / never_search modes show them
+# (and force the actions besides); the warm start trains on some hinted episodes so the tiny model follows them.
+HINTS: dict[str, str] = {
+    "always_search": "search the image, then search the text, then answer.",
+    "never_search": "answer without searching.",
+}
+
 # In-band text of a failed search (MMSearch-R1's wording): the model is told the tool failed, not that it found
 # nothing, and reasons on without it.
 SEARCH_ERROR = "There is an error encountered in performing search. Please reason with your own capabilities."
@@ -65,14 +73,19 @@ class PromptFormat:
     instruction: str  # after the question ("" = none)
     continue_instruction: str  # after </information> in a tool-result turn ("" = none)
 
-    def first_user_text(self, question: str) -> str:
-        """Text that follows the question's image in the first user turn."""
-        text = self.question_prefix + question
-        return f"{text}\n{self.instruction}" if self.instruction else text
+    def first_user_text(self, question: str, hint: str | None = None) -> str:
+        """Text that follows the question's image in the first user turn; `hint` names a workflow hint (HINTS)."""
+        if hint is not None and hint not in HINTS:
+            raise ValueError(f"unknown workflow hint {hint!r}; known: {sorted(HINTS)}")
+        lines = [self.question_prefix + question, *([self.instruction] if self.instruction else []),
+                 *([HINTS[hint]] if hint else [])]
+        return "\n".join(lines)
 
-    def first_user_message(self, question: str) -> dict:
-        """The first user turn in HF chat format: the question's image, then the question (and instruction)."""
-        return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.first_user_text(question)}]}
+    def first_user_message(self, question: str, hint: str | None = None) -> dict:
+        """The first user turn in HF chat format: the question's image, then the question (and instruction, and
+        the workflow hint if any)."""
+        return {"role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": self.first_user_text(question, hint)}]}
 
     def info_close_text(self) -> str:
         """What ends a tool-result turn: </information> and the format's continue instruction."""
@@ -104,7 +117,8 @@ class PromptFormat:
     def texts(self) -> list[str]:
         """The fixed texts every episode of this format shows (for tokenizer training)."""
         return [t for t in (self.question_prefix, self.instruction, self.continue_instruction, NO_RESULTS,
-                            image_result_text(""), text_result_text("", ""), SEARCH_ERROR, SEARCH_LIMIT) if t]
+                            image_result_text(""), text_result_text("", ""), SEARCH_ERROR, SEARCH_LIMIT,
+                            *HINTS.values()) if t]
 
 
 MMSEARCH_R1 = PromptFormat("mmsearch_r1", question_prefix="question: ", instruction=INSTRUCTION,

@@ -58,9 +58,10 @@ class EpisodeTokenizer:
             raise ValueError(f"{what}: {found} image placeholders for {images} images in {text!r}")
         return ids
 
-    def first_prompt(self, question: str) -> list[int]:
-        """The first user turn plus the generation prompt, with one placeholder for the question's image."""
-        text = self.processor.apply_chat_template([self.prompt.first_user_message(question)], tokenize=False,
+    def first_prompt(self, question: str, hint: str | None = None) -> list[int]:
+        """The first user turn (with workflow `hint`, prompts.HINTS, if given) plus the generation prompt, with one
+        placeholder for the question's image."""
+        text = self.processor.apply_chat_template([self.prompt.first_user_message(question, hint)], tokenize=False,
                                                   add_generation_prompt=True)
         return self._encode(text, 1, "first prompt")
 

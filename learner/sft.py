@@ -75,7 +75,8 @@ class SftConfig:
     fresh_name_fraction: float = 1.0  # search episodes with entity names swapped for fresh ones
     fact_shuffle_fraction: float = 1.0  # search episodes whose facts are redrawn (answers only readable, not known)
     fresh_value_fraction: float = 0.5  # of redrawn cities and makers (and drill values): made-up ones
-    rag_fraction: float = 0.15  # episodes played as the RAG workflow (image search, text search, answer)
+    rag_fraction: float = 0.15  # episodes played as the RAG workflow (image search, text search, answer), hinted
+    never_hint_fraction: float = 0.5  # search-free episodes answered directly that show the never_search hint
     # What the oracle's simulated tools return; must match the tool servers the RL run uses (conf/algo/sft.yaml
     # interpolates them from conf/tool_servers).
     image_results: int = 1
@@ -107,6 +108,7 @@ class SftConfig:
                             fresh_name_fraction=self.fresh_name_fraction,
                             fact_shuffle_fraction=self.fact_shuffle_fraction,
                             fresh_value_fraction=self.fresh_value_fraction, rag_fraction=self.rag_fraction,
+                            never_hint_fraction=self.never_hint_fraction,
                             image_results=self.image_results,
                             text_results=self.text_results, snippet_sentences=self.snippet_sentences,
                             text_chars=self.text_chars)

@@ -162,3 +162,16 @@ def test_eval_modes_force_the_workflows_of_the_baselines():
     assert heldout_questions(questions, None) == questions
     with pytest.raises(ValueError, match="per_label"):
         heldout_questions(questions, 0)
+
+
+def test_baselines_show_their_workflow_hint():
+    from actors.episode import Question
+    from actors.eval import hint_for
+
+    def q(kind):
+        return Question(id="x", question="q", answer="a", aliases=[], image=b"", kind=kind)
+
+    assert hint_for("policy", q("pixels")) is None
+    assert hint_for("always_search", q("text_search")) == "always_search"
+    assert hint_for("never_search", q("image_search")) == "never_search"
+    assert hint_for("workflow", q("pixels")) == "never_search" and hint_for("workflow", q("image_search")) is None
