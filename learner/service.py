@@ -2,8 +2,9 @@
 handed to the training loop through a thread-safe buffer.
 
 Serving runs on a background thread (learner.router), so actors are answered while the training loop computes.
-Every malformed frame gets an ErrorReply and is counted; the endpoint keeps serving. With a journal
-(learner/journal.py) an accepted group is on disk before its ack, so a crash loses no acked group.
+Every malformed frame gets an ErrorReply and is counted; the endpoint keeps serving. Beyond loopback a shared
+`token` is required and every message must carry it (learner/router.py); it never reaches the journal or checkpoints.
+With a journal (learner/journal.py) an accepted group is on disk before its ack, so a crash loses no acked group.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import logging
 import threading
 from collections import OrderedDict, deque
 from typing import Callable, Optional
+
+import msgspec
 
 from learner.admission import AdmissionController
 from learner.journal import GroupJournal
@@ -27,6 +30,7 @@ from protocol import (
     decode,
     encode,
 )
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -51,12 +55,15 @@ class TrajectoryService:
         version: int = 0,
         journal: Optional[GroupJournal] = None,
         replay_after: Optional[int] = None,
+        token: Optional[str] = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         """`restore` = (untrained groups, remembered ids) from a checkpoint: put in front of the buffer and
         remembered before the endpoint serves, so a resent copy of a checkpointed group is acked as a duplicate
         (and the groups are not acked again). `journal`: every accepted group is appended before its ack;
         `replay_after` = the sequence number the checkpoint covers: newer entries are replayed after the restored
-        groups (None: a fresh start, the journal's old entries are discarded)."""
+        groups (None: a fresh start, the journal's old entries are discarded). `token`: the shared secret every message
+        must carry (required to bind beyond loopback). Frames over `max_frame_bytes` are never read."""
         self.admission = admission
         self.metrics = metrics or Metrics()
         self._validate = validate
@@ -74,7 +81,9 @@ class TrajectoryService:
             self._restore(*restore)
         if journal is not None:
             self._replay_journal(replay_after)
-        self._router = RouterThread("trajectories", self._handle, endpoint, allow_remote=allow_remote)
+        self._max_frame_bytes = max_frame_bytes
+        self._router = RouterThread("trajectories", self._handle, endpoint, allow_remote=allow_remote, token=token,
+                                    metrics=self.metrics, max_frame_bytes=max_frame_bytes)
         self.endpoint = self._router.endpoint
 
     # ---------------------------------------------------------------- training-loop side
@@ -187,7 +196,7 @@ class TrajectoryService:
     # ---------------------------------------------------------------- serving thread
     def _handle(self, payload: bytes) -> list[bytes]:
         try:
-            message = decode(payload, LearnerInbound)
+            message = decode(payload, LearnerInbound, max_frame_bytes=self._max_frame_bytes)
         except ProtocolError as exc:
             self.metrics.inc("bad_frames")
             log.warning("trajectory endpoint: rejected a %d-byte frame: %s", len(payload), exc)
@@ -257,6 +266,8 @@ class TrajectoryService:
                 self.admission.on_group_lost()
                 log.warning("rejected group %s from %s: %s", group.group_id, group.actor_id, exc)
                 return GroupAck(group_id=group.group_id, accepted=False, message=str(exc))
+        if group.token is not None:  # the shared secret stays off the disk (journal, checkpoints)
+            group, frame = msgspec.structs.replace(group, token=None), None
         with self._cond:
             if not self._intake_open:  # closed while validating: the snapshot must not miss an acked group
                 self.metrics.inc("groups_refused_closed")

@@ -120,14 +120,20 @@ def make_buckets(version: int, state_dict: Mapping[str, torch.Tensor], bucket_by
 
 # --------------------------------------------------------------------------------------- the weights endpoint
 
+# Inbound frames on the weights endpoint are WeightQuery messages (~100 bytes): anything far bigger is never read.
+MAX_QUERY_BYTES = 64 * 1024
+
+
 class ZmqWeightPublisher:
     """Rank 0's weights ROUTER and the zmq transport: answers `WeightQuery(have_version)` with the frames posted for
     the latest version when it is newer (every bucket for zmq; one WeightAnnounce for fs), else `WeightNone(latest)`.
-    Frames are encoded once per publish; serving only sends bytes."""
+    Frames are encoded once per publish; serving only sends bytes. `max_frame_bytes` bounds the frames it sends;
+    inbound frames are bounded by MAX_QUERY_BYTES. `token`: the shared secret every query must carry (required to
+    bind beyond loopback)."""
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:*", bucket_mb: float = 64.0, dtype: str = "float32",
                  metrics: Optional[Metrics] = None, allow_remote: bool = False,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, token: Optional[str] = None) -> None:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"publish dtype {dtype!r} not in {sorted(TORCH_DTYPES)}")
         self.bucket_bytes = max(1, int(bucket_mb * 1024 * 1024))
@@ -140,7 +146,8 @@ class ZmqWeightPublisher:
         self.query_hook: Optional[QueryHook] = None
         self._lock = threading.Lock()
         self._latest: tuple[int, list[bytes]] = (-1, [])
-        self._router = RouterThread("weights", self._handle, endpoint, allow_remote=allow_remote)
+        self._router = RouterThread("weights", self._handle, endpoint, allow_remote=allow_remote, token=token,
+                                    metrics=self.metrics, max_frame_bytes=MAX_QUERY_BYTES)
         self.endpoint = self._router.endpoint
 
     @property
@@ -178,7 +185,7 @@ class ZmqWeightPublisher:
 
     def _handle(self, payload: bytes) -> list[bytes]:
         try:
-            query = decode(payload, WeightQuery)
+            query = decode(payload, WeightQuery, max_frame_bytes=MAX_QUERY_BYTES)
         except ProtocolError as exc:
             self.metrics.inc("weights_bad_frames")
             log.warning("weights endpoint: %s", exc)

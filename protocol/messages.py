@@ -114,6 +114,7 @@ class TrajectoryGroup(Message, tag="group"):
     kind: str = ""
     search_label: str = ""
     trajectories: list[Trajectory] = []
+    token: Optional[str] = None  # the learner's shared secret, when it has one (the learner journals it as None)
 
 
 class GroupAck(Message, tag="group_ack"):
@@ -128,6 +129,7 @@ class AdmissionRequest(Message, tag="admission_request"):
 
     actor_id: str
     request_id: str
+    token: Optional[str] = None  # the learner's shared secret, when it has one
 
 
 class AdmissionRelease(Message, tag="admission_release"):
@@ -139,6 +141,7 @@ class AdmissionRelease(Message, tag="admission_release"):
     actor_id: str
     request_id: str
     reason: str = ""
+    token: Optional[str] = None
 
 
 class AdmissionReply(Message, tag="admission_reply"):
@@ -156,6 +159,7 @@ class WeightQuery(Message, tag="weight_query"):
 
     actor_id: str
     have_version: int
+    token: Optional[str] = None  # the learner's shared secret, when it has one
 
 
 class NamedArray(msgspec.Struct, kw_only=True):

@@ -1,6 +1,8 @@
-"""ZeroMQ helpers shared by every role: loopback-first binding, frame limits, and no lingering on close."""
+"""Socket helpers shared by every listener: loopback-first binding (a token required beyond it), the shared-token
+check, frame limits, and no lingering on close."""
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import socket
 from urllib.parse import urlparse
@@ -21,6 +23,20 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def require_token_beyond_loopback(endpoint: str, token: str | None, what: str) -> None:
+    """Refuse (ValueError) to listen on `endpoint` beyond loopback without a shared token (every listener's rule)."""
+    if not is_loopback_endpoint(endpoint) and not token:
+        raise ValueError(f"refusing to start {what} on {endpoint!r}: binding beyond loopback requires a token "
+                         f"(a shared secret every client sends)")
+
+
+def token_matches(given: str | None, expected: str | None) -> bool:
+    """True when no token is expected, or `given` equals it (compared in constant time)."""
+    if expected is None:
+        return True
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def configure(socket: zmq.Socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> zmq.Socket:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from protocol import (
 from protocol.messages import Message
 from protocol.metrics import Metrics
 from protocol.sockets import bind as bind_socket
-from protocol.sockets import configure, is_loopback_endpoint
+from protocol.sockets import configure, require_token_beyond_loopback, token_matches
 from tool_servers.backends import DEPLOYMENT_KEYS, Backend, BatchResult, build_backend
 from tool_servers.cache import CacheConfig, ResultCache, request_text
 from tool_servers.errors import ToolCallError
@@ -108,8 +107,7 @@ class ToolServer:
                  snapshot: SnapshotConfig | None = None) -> None:
         if not backends:
             raise ValueError("ToolServer needs at least one backend")
-        if not is_loopback_endpoint(bind) and not token:
-            raise ValueError(f"binding {bind!r} beyond loopback requires a token")
+        require_token_beyond_loopback(bind, token, "a tool server")
         snapshot = snapshot or SnapshotConfig()
         if snapshot.replay and cache is not None:
             raise ValueError("a replaying tool server answers from its snapshot alone: build it without a cache")
@@ -123,7 +121,7 @@ class ToolServer:
         self._recorder: SnapshotRecorder | None = None
         self._sources = {tool: type(backend).__name__ for tool, backend in self.backends.items()}
         self.endpoint: str | None = None
-        self._token = token.encode() if token else None
+        self._token = token or None
         self._socket: zmq.asyncio.Socket | None = None
         self._lanes: dict[str, _ToolLane] = {}
         self._pending: set[_Pending] = set()
@@ -295,9 +293,7 @@ class ToolServer:
         self._admit(route, message)
 
     def _authorised(self, token: str | None) -> bool:
-        if self._token is None:
-            return True
-        return token is not None and hmac.compare_digest(token.encode(), self._token)
+        return token_matches(token, self._token)
 
     def _admit(self, route: tuple[bytes, ...], request: ToolRequest) -> None:
         """Check a decoded request and answer it from the memory cache, or queue it, or answer its error."""
