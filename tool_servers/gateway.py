@@ -4,14 +4,14 @@
 Both faces turn JSON arguments into wire arguments (a base64 string becomes image bytes), call the tool through
 a `ToolClient` (so they inherit its replica routing, retries and deadlines), and turn the reply back into JSON
 or MCP content (text blocks plus image blocks). Tool failures keep their error code: an HTTP status plus
-`{ok: false, error: {code, message}}`, or an MCP result with `isError: true`.
+`{ok: false, error: {code, message}}`, or an MCP result with `isError: true`. Both HTTP faces bind loopback unless a
+bearer token is given, bound request bodies (`max_body_bytes`), and count what they refuse in `ToolGateway.metrics`.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
-import hmac
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -21,7 +21,8 @@ from typing import Any
 from aiohttp import web
 
 from protocol import ToolItem, ToolReply
-from protocol.sockets import is_loopback_endpoint
+from protocol.metrics import Metrics
+from protocol.sockets import require_token_beyond_loopback, token_matches
 from tool_servers.client import ToolClient
 from tool_servers.errors import ToolCallError
 
@@ -50,7 +51,7 @@ GENERIC_SPEC = {"description": "a forage tool server tool", "input_schema": {"ty
 # Error code -> HTTP status of the JSON endpoint.
 HTTP_STATUS = {"bad_request": 400, "unauthorized": 401, "unknown_tool": 404, "too_large": 413,
                "backend_error": 502, "overloaded": 503, "timeout": 504}
-MAX_BODY_BYTES = 32 * 1024 * 1024  # JSON request bodies (a base64 image grows by a third)
+MAX_BODY_BYTES = 32 * 1024 * 1024  # request bodies of both HTTP faces (a base64 image grows by a third)
 
 
 def sniff_mime(data: bytes) -> str:
@@ -96,11 +97,19 @@ def item_json(item: ToolItem) -> dict[str, Any]:
 
 @dataclass
 class ToolGateway:
-    """The tools behind the gateway: one ToolClient per tool name."""
+    """The tools behind the gateway: one ToolClient per tool name, and the gateway's own counters (`metrics`:
+    http_requests, http_unauthorized, http_too_large, http_bad_request, mcp_unauthorized, mcp_too_large,
+    mcp_rejected: any other 4xx answer of the MCP app, e.g. a body that is not JSON-RPC)."""
 
     clients: Mapping[str, ToolClient]
     deadline_s: float | None = None  # per call; None = each client's default
     specs: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(TOOL_SPECS))
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        for name in ("http_requests", "http_unauthorized", "http_too_large", "http_bad_request", "mcp_unauthorized",
+                     "mcp_too_large", "mcp_rejected"):
+            self.metrics.inc(name, 0.0)
 
     @classmethod
     def from_endpoints(cls, endpoints: Mapping[str, Sequence[str]], *, deadline_s: float | None = None,
@@ -122,8 +131,9 @@ class ToolGateway:
         return await client.call(tool, wire_args(tool, arguments), self.deadline_s)
 
     async def stats(self) -> dict[str, Any]:
-        """Per tool: the client's counters, its replicas' health, and each live replica's server stats."""
-        out = {}
+        """Per tool: the client's counters, its replicas' health, and each live replica's server stats; under
+        "gateway": the gateway's own counters."""
+        out: dict[str, Any] = {"gateway": self.metrics.snapshot()}
         for tool, client in self.clients.items():
             try:
                 replicas = await client.stats(timeout_s=1.0)
@@ -141,10 +151,7 @@ class ToolGateway:
 
 
 def _authorised(header: str | None, token: str | None) -> bool:
-    if token is None:
-        return True
-    expected = f"Bearer {token}".encode()
-    return header is not None and hmac.compare_digest(header.encode(), expected)
+    return token_matches(header, f"Bearer {token}" if token is not None else None)
 
 
 def _error_response(code: str, message: str) -> web.Response:
@@ -152,15 +159,19 @@ def _error_response(code: str, message: str) -> web.Response:
                              status=HTTP_STATUS.get(code, 500))
 
 
-def http_app(gateway: ToolGateway, token: str | None = None) -> web.Application:
+def http_app(gateway: ToolGateway, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> web.Application:
     """The JSON endpoint: GET /healthz, GET /v1/tools, POST /v1/tools/{tool}, GET /v1/stats.
 
     With a token, every route but /healthz needs `Authorization: Bearer <token>` (compared in constant time).
+    Bodies over `max_body_bytes` get 413; refusals are counted in `gateway.metrics`.
     """
+    metrics = gateway.metrics
 
     @web.middleware
     async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        metrics.inc("http_requests")
         if request.path != "/healthz" and not _authorised(request.headers.get("Authorization"), token):
+            metrics.inc("http_unauthorized")
             return _error_response("unauthorized", "missing or wrong bearer token")
         return await handler(request)
 
@@ -179,8 +190,10 @@ def http_app(gateway: ToolGateway, token: str | None = None) -> web.Application:
         try:
             arguments = json.loads(await request.read() or b"{}")
         except web.HTTPRequestEntityTooLarge:
-            return _error_response("too_large", f"request body over {MAX_BODY_BYTES} bytes")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            metrics.inc("http_too_large")
+            return _error_response("too_large", f"request body over {max_body_bytes} bytes")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # JSON only: a pickle is just bad JSON
+            metrics.inc("http_bad_request")
             return _error_response("bad_request", f"body is not JSON: {exc}")
         try:
             reply = await gateway.call(tool, arguments)
@@ -189,7 +202,7 @@ def http_app(gateway: ToolGateway, token: str | None = None) -> web.Application:
         return web.json_response({"ok": True, "items": [item_json(i) for i in reply.items], "cached": reply.cached,
                                   "server_ms": reply.server_ms})
 
-    app = web.Application(middlewares=[auth], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[auth], client_max_size=max_body_bytes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/tools", tools)
     app.router.add_get("/v1/stats", stats)
@@ -242,24 +255,55 @@ def mcp_server(gateway: ToolGateway, name: str = "forage-tools") -> Any:
     return Server(name, on_list_tools=list_tools, on_call_tool=call_tool)
 
 
-class _BearerASGI:
-    """ASGI wrapper: HTTP requests need `Authorization: Bearer <token>` (lifespan events pass through)."""
+async def _refuse(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
 
-    def __init__(self, app: Any, token: str) -> None:
+
+class _GuardASGI:
+    """ASGI wrapper of the MCP app: HTTP requests need `Authorization: Bearer <token>` when there is a token (401),
+    and bodies are bounded by `max_body_bytes` (413 from Content-Length; a chunked body that grows past it is cut
+    off as a client disconnect). Lifespan events pass through; refusals are counted on `metrics`."""
+
+    def __init__(self, app: Any, token: str | None, max_body_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.token = token
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            headers = dict(scope.get("headers") or [])
-            header = headers.get(b"authorization", b"").decode("latin-1") or None
-            if not _authorised(header, self.token):
-                body = json.dumps({"error": "missing or wrong bearer token"}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if not _authorised(headers.get(b"authorization", b"").decode("latin-1") or None, self.token):
+            self.metrics.inc("mcp_unauthorized")
+            await _refuse(send, 401, "missing or wrong bearer token")
+            return
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            self.metrics.inc("mcp_too_large")
+            await _refuse(send, 413, f"request body of {int(length)} bytes is over {self.max_body_bytes}")
+            return
+        received = 0
+
+        async def bounded_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    self.metrics.inc("mcp_too_large")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def watched_send(message: dict) -> None:
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                self.metrics.inc("mcp_rejected")
+            await send(message)
+
+        await self.app(scope, bounded_receive, watched_send)
 
 
 async def serve_mcp_stdio(gateway: ToolGateway) -> None:
@@ -289,18 +333,15 @@ class GatewayServers:
             await self._runner.cleanup()
 
 
-def _check_bind(host: str, token: str | None, what: str) -> None:
-    if not is_loopback_endpoint(f"tcp://{host}:0") and not token:
-        raise ValueError(f"{what} on {host!r} is beyond loopback and requires a token")
-
-
 async def start_gateway(gateway: ToolGateway, *, http: tuple[str, int] | None = ("127.0.0.1", 0),
-                        mcp_http: tuple[str, int] | None = None, token: str | None = None) -> GatewayServers:
-    """Start the JSON endpoint and/or MCP over Streamable HTTP (at /mcp) on this loop; port 0 picks one."""
+                        mcp_http: tuple[str, int] | None = None, token: str | None = None,
+                        max_body_bytes: int = MAX_BODY_BYTES) -> GatewayServers:
+    """Start the JSON endpoint and/or MCP over Streamable HTTP (at /mcp) on this loop; port 0 picks one. Beyond
+    loopback a bearer `token` is required."""
     servers = GatewayServers()
     if http is not None:
-        _check_bind(http[0], token, "the HTTP gateway")
-        servers._runner = web.AppRunner(http_app(gateway, token), access_log=None)
+        require_token_beyond_loopback(f"tcp://{http[0]}:{http[1]}", token, "the HTTP gateway")
+        servers._runner = web.AppRunner(http_app(gateway, token, max_body_bytes), access_log=None)
         await servers._runner.setup()
         await web.TCPSite(servers._runner, http[0], http[1]).start()
         host, port = servers._runner.addresses[0][:2]  # the chosen port when 0 was asked for
@@ -308,10 +349,9 @@ async def start_gateway(gateway: ToolGateway, *, http: tuple[str, int] | None = 
     if mcp_http is not None:
         import uvicorn
 
-        _check_bind(mcp_http[0], token, "the MCP gateway")
-        app = mcp_server(gateway).streamable_http_app(host=mcp_http[0])
-        if token:
-            app = _BearerASGI(app, token)
+        require_token_beyond_loopback(f"tcp://{mcp_http[0]}:{mcp_http[1]}", token, "the MCP gateway")
+        app = _GuardASGI(mcp_server(gateway).streamable_http_app(host=mcp_http[0]), token or None, max_body_bytes,
+                         gateway.metrics)
         config = uvicorn.Config(app, host=mcp_http[0], port=mcp_http[1], log_level="warning", lifespan="on")
         servers._uvicorn = uvicorn.Server(config)
         servers._uvicorn_task = asyncio.create_task(servers._uvicorn.serve(), name="mcp-http")
