@@ -1,11 +1,11 @@
-"""Loopback-only binding and the metrics registry's summaries."""
+"""Loopback-only binding, the shared-token rule and check, and the metrics registry's summaries."""
 from __future__ import annotations
 
 import pytest
 import zmq
 
 from protocol.metrics import Metrics, summarize
-from protocol.sockets import bind, configure, is_loopback_endpoint
+from protocol.sockets import bind, configure, is_loopback_endpoint, require_token_beyond_loopback, token_matches
 
 
 @pytest.mark.parametrize("endpoint, expected", [
@@ -27,6 +27,18 @@ def test_bind_returns_concrete_loopback_port_and_refuses_wildcard():
             bind(ctx.socket(zmq.ROUTER), "tcp://0.0.0.0:*")
     finally:
         sock.close()
+
+
+def test_a_token_is_required_beyond_loopback_and_compared_exactly():
+    require_token_beyond_loopback("tcp://127.0.0.1:*", None, "x")  # loopback: no token needed
+    require_token_beyond_loopback("tcp://0.0.0.0:*", "tok", "x")
+    for wide in ("tcp://0.0.0.0:*", "tcp://*:5", "tcp://10.1.2.3:5", "tcp://:0"):
+        for token in (None, ""):
+            with pytest.raises(ValueError, match=r"refusing to start the thing on .*requires a token"):
+                require_token_beyond_loopback(wide, token, "the thing")
+    assert token_matches(None, None) and token_matches("anything", None)  # no token expected
+    assert token_matches("tok", "tok")
+    assert not any(token_matches(given, "tok") for given in (None, "", "to", "tok ", "TOK", "tokk"))
 
 
 def test_metrics_counts_gauges_and_percentiles():

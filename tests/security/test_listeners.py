@@ -339,3 +339,27 @@ def test_every_listener_has_a_size_limit(open_side):
         assert counted["gateway"]["http_too_large"] == 1 and counted["gateway"]["mcp_too_large"] == 1
     else:
         assert counted["learner"]["bad_frames"] == 0 and counted["learner"]["weights_bad_frames"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ secrets at rest
+
+
+def test_the_learners_token_never_reaches_its_journal_or_checkpoint_snapshot(tmp_path):
+    from learner.admission import AdmissionController
+    from learner.journal import GroupJournal
+    from learner.service import TrajectoryService
+
+    service = TrajectoryService(AdmissionController(1, 0), journal=GroupJournal(tmp_path / "journal"), token=TOKEN)
+    try:
+        group = TrajectoryGroup(group_id="g1", actor_id="a", prompt_id="p", token=TOKEN, trajectories=[Trajectory(
+            token_ids=to_ndarray(np.array([1, 2], np.int32)), loss_mask=to_ndarray(np.array([0, 1], np.uint8)),
+            behaviour_logprobs=to_ndarray(np.zeros(2, np.float32)), versions=to_ndarray(np.array([-1, 0], np.int32)))])
+        reply = decode(zmq_exchange(service.endpoint, encode(group)), LearnerOutbound)
+        assert isinstance(reply, GroupAck) and reply.accepted, reply
+        buffered, *_ = service.snapshot()  # what a checkpoint stores
+    finally:
+        service.close()
+    assert [g.group_id for g in buffered] == ["g1"] and buffered[0].token is None
+    entries = list((tmp_path / "journal").iterdir())
+    assert len(entries) == 1 and TOKEN.encode() not in entries[0].read_bytes()
+    assert decode(entries[0].read_bytes(), TrajectoryGroup).group_id == "g1"
