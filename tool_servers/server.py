@@ -226,7 +226,7 @@ class ToolServer:
 
     def _close_snapshots(self) -> None:
         if self._recorder is not None:
-            self._recorder.close()
+            self._recorder.close(timeout_s=10.0)
             self._recorder = None
         if self._replay is not None:
             self._replay.close()
@@ -478,7 +478,8 @@ class ToolServer:
             return
         if source == "snapshot" and self._replay is not None and self._replay.file == self._recorder.file:
             return
-        self._recorder.add(pending.request.tool, pending.request_text, items, self._sources[pending.request.tool])
+        label = "snapshot" if source == "snapshot" else self._sources[pending.request.tool]
+        self._recorder.add(pending.request.tool, pending.request_text, items, label)
 
     def _frame_error(self, route: tuple[bytes, ...], code: str, message: str, request_id: str) -> None:
         self.metrics.inc(f"error_{code}")

@@ -12,8 +12,9 @@ shared filesystem that supports SQLite locking, record into one file), two table
 `request` is the request's arguments normalised exactly as the result cache keys them (tool_servers/cache.py
 `request_text`: canonical JSON; strings NFKC, case-folded, whitespace collapsed; image bytes as
 {"blake2b": content hash}). `items` is the msgpack array of the reply's item maps ({title, url, text, image}), byte
-for byte what the server sent. `source` names the backend class that answered first. Only ok replies are recorded,
-and the first reply for a request wins (INSERT OR IGNORE), so a snapshot answers each request the same way every run.
+for byte what the server sent. `source` names the backend class that answered (`snapshot` when it was replayed from
+another snapshot). Only ok replies are recorded, and the first reply for a request wins (INSERT OR IGNORE), so a
+snapshot answers each request the same way every run.
 """
 from __future__ import annotations
 

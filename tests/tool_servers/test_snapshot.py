@@ -148,6 +148,20 @@ def test_live_fall_through_answers_misses_and_records_them_into_the_same_snapsho
     assert snapshot.info(snap)["replies"] == 2
 
 
+def test_replaying_one_snapshot_while_recording_another_copies_what_was_asked(tmp_path):
+    source = _recorded(tmp_path / "a", {"alpha": "A-alpha", "beta": "A-beta"}, "Orig")
+    knobs = SnapshotConfig(record=str(tmp_path / "subset"), replay=str(source), replay_miss="live")
+
+    async def main():
+        async with serving({"text_search": FakeBackend()}, snapshot=knobs) as (server, endpoint):
+            async with _client(endpoint) as client:
+                await client.call("text_search", {"query": "Alpha"})
+                await client.call("text_search", {"query": "gamma"})  # a miss, answered live
+    run(main())
+    subset = {row.request: (row.items[0].title, row.source) for row in snapshot.rows(tmp_path / "subset")}
+    assert subset == {'{"query":"alpha"}': ("A-alpha", "snapshot"), '{"query":"gamma"}': ("gamma", "FakeBackend")}
+
+
 def _client(endpoint):
     from ts_helpers import client_of
 
