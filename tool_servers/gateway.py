@@ -176,6 +176,8 @@ def http_app(gateway: ToolGateway, token: str | None = None, max_body_bytes: int
         return await handler(request)
 
     async def healthz(request: web.Request) -> web.Response:
+        if not _authorised(request.headers.get("Authorization"), token):  # a probe: alive, but no replica addresses
+            return web.json_response({"ok": True})
         health = {tool: client.health() for tool, client in gateway.clients.items()}
         return web.json_response({"ok": True, "tools": health})
 

@@ -232,6 +232,8 @@ def test_a_missing_or_wrong_token_is_rejected_and_counted(guarded_side):
                 if token:
                     headers = {**headers, "Authorization": f"Bearer {token}"}
                 assert http(url, body, headers)[0] == 401
+            status, body = http(guarded_side.endpoints["http"] + "/healthz", headers={"Authorization": str(token)})
+            assert status == 200 and json.loads(body) == {"ok": True}  # a probe learns no replica address
     else:
         for token in (None, "wrong"):
             for name, frame in learner_frames(token).items():
