@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                          "needs")
     ev.add_argument("--actors-conf", default=None, help="a conf/actors YAML for episode limits and engine settings")
     ev.add_argument("--cache-dir", default=".forage_cache", help="vLLM / inductor compile caches")
+    ev.add_argument("--token-env", default=None, metavar="VAR",
+                    help="environment variable holding the tool servers' shared token (when they have one)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.mode not in EVAL_MODES:
         parser.error(f"--mode {args.mode!r}: expected one of {list(EVAL_MODES)}")
+    from protocol.sockets import token_from_env
+
     try:
         tools = parse_tools(args.tools)
-        cfg = actors_conf(args.actors_conf, args.temperature, str(Path(args.cache_dir).resolve()))
+        cfg = {"actors": actors_conf(args.actors_conf, args.temperature, str(Path(args.cache_dir).resolve())),
+               "tokens": {"tools": token_from_env(args.token_env, "--token-env")}}
     except ValueError as exc:
         parser.error(str(exc))
     summary = run_eval(args.model, args.data, args.out, tools, cfg, split=args.split, limit=args.limit,

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from actors.admission import AdmissionLoop
 from actors.config import ActorConfig, SamplingConfig
-from actors.eval import EVAL_MODES
+from actors.eval import EVAL_MODES, tool_clients
 from actors.engine import engine_for_actor
 from actors.engine_slot import EngineSlot
 from actors.episode import Question, ToolCaller, first_prompt_length
@@ -88,7 +88,8 @@ class RolloutActor:
         await self._slot.start()
         self._metrics.set("engine_startup_s", self.engine.startup_s)
         self.tools = self._make_tools()
-        self.link = LearnerLink(self.actor_id, self.learner_endpoints, cfg.transport, self._metrics)
+        self.link = LearnerLink(self.actor_id, self.learner_endpoints, cfg.transport, self._metrics,
+                                token=cfg.tokens.learner)
         self._poller = WeightPoller(self.actor_id, self._slot, self.link, self._weights, cfg.weight_poll_s,
                                     self._metrics, on_fatal=lambda exc: self._stopping.set())
         player = GroupPlayer(self.actor_id, self.seed, cfg, self._slot, self.tokenizer, self.tools, self._spool,
@@ -128,11 +129,7 @@ class RolloutActor:
         return engine_for_actor(self.model_path, cfg, self.actor_dir, seed=self.seed, weight_transfer=transfer)
 
     def _make_tools(self) -> dict[str, ToolCaller]:
-        from tool_servers.client import ToolClient
-
-        return {tool: ToolClient(endpoints, default_deadline_s=self.cfg.episode.tool_deadline_s,
-                                 retries=self.cfg.tool_retries)
-                for tool, endpoints in self.tool_endpoints.items()}
+        return tool_clients(self.tool_endpoints, self.cfg)
 
     async def run(self) -> None:
         """Play admitted groups until stop() or the learner says it is stopping; re-raise the first group error

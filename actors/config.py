@@ -104,6 +104,16 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
+class ActorTokens:
+    """The shared secrets an actor sends: the learner endpoints' (`learner.token_env`) and the tool servers'
+    (`tool_servers.token_env`). Not config: the launcher reads them from its environment and hands them over beside
+    it (`{"actors": ..., "algo": ..., "tokens": {"learner": ..., "tools": ...}}`); never printed or written."""
+
+    learner: str | None = field(default=None, repr=False)
+    tools: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class ActorConfig:
     group_size: int = 4  # from the algorithm config: episodes per prompt
     max_concurrency: int = 8  # episodes in flight across groups on one engine
@@ -125,6 +135,7 @@ class ActorConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    tokens: ActorTokens = field(default_factory=ActorTokens)  # not from conf/: see ActorTokens
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.max_concurrency < 1 or self.max_groups_in_flight < 1:
@@ -139,17 +150,24 @@ class ActorConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "ActorConfig":
-        """Build from conf/actors (flat) or {"actors": ..., "algo": ...}; unknown keys raise ValueError."""
+        """Build from conf/actors (flat) or {"actors": ..., "algo": ..., "tokens": ...} (tokens: ActorTokens' fields;
+        only beside the config, never inside it); unknown keys raise ValueError."""
         cfg = dict(cfg)
+        tokens: Mapping[str, Any] = {}
         if "actors" in cfg:
             flat = dict(cfg["actors"])
             algo = cfg.get("algo") or {}
             if "group_size" in algo:
                 flat.setdefault("group_size", algo["group_size"])
+            tokens = cfg.get("tokens") or {}
             cfg = flat
+        if "tokens" in cfg:
+            raise ValueError("actors.tokens is not a config key: tokens come from the environment variables named by "
+                             "learner.token_env and tool_servers.token_env")
         for key in _LAUNCH_KEYS:
             cfg.pop(key, None)
-        return _build(cls, cfg, "actors")
+        built = _build(cls, cfg, "actors")
+        return dataclasses.replace(built, tokens=_build(ActorTokens, tokens, "tokens")) if tokens else built
 
 
 _NESTED = {"episode": EpisodeConfig, "sampling": SamplingConfig, "engine": EngineConfig, "transport": TransportConfig,

@@ -179,7 +179,7 @@ async def eval_dataset(model_path: str | Path, data_path: str | Path, out_dir: s
     if own_engine:
         engine = engine_for_actor(model_path, actor_cfg, out)
         await engine.start()
-    tools = _tool_clients(tool_endpoints or {}, actor_cfg)
+    tools = tool_clients(tool_endpoints or {}, actor_cfg)
     metrics = Metrics()
     started = time.perf_counter()
     try:
@@ -209,10 +209,13 @@ def run_eval(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
                                     mode=mode))
 
 
-def _tool_clients(endpoints: Mapping[str, list[str]], cfg: ActorConfig) -> dict[str, Any]:
+def tool_clients(endpoints: Mapping[str, list[str]], cfg: ActorConfig) -> dict[str, Any]:
+    """A ToolClient per tool over its replicas, as every player of episodes (rollout actor, eval, curate) makes
+    them: the tool servers' token (cfg.tokens.tools), the episode's tool deadline, cfg.tool_retries."""
     from tool_servers.client import ToolClient
 
-    return {tool: ToolClient(list(eps), default_deadline_s=cfg.episode.tool_deadline_s, retries=cfg.tool_retries)
+    return {tool: ToolClient(list(eps), token=cfg.tokens.tools, default_deadline_s=cfg.episode.tool_deadline_s,
+                             retries=cfg.tool_retries)
             for tool, eps in endpoints.items()}
 
 

@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import msgspec
 import torch
 import zmq
 import zmq.asyncio
@@ -49,6 +50,10 @@ class TransportClosed(RuntimeError):
     """The link was closed while a call was waiting."""
 
 
+class LearnerUnauthorized(RuntimeError):
+    """The learner rejected this actor's token (missing or different from the learner's: learner.token_env)."""
+
+
 @dataclass(frozen=True)
 class WeightUpdate:
     """A policy version newer than the actor's: `state` for zmq (buckets reassembled, bf16 as torch.bfloat16),
@@ -62,15 +67,18 @@ class WeightUpdate:
 
 
 class LearnerLink:
-    """DEALERs to the learner's `trajectories` and `weights` endpoints (`endpoints` as launch.py passes them)."""
+    """DEALERs to the learner's `trajectories` and `weights` endpoints (`endpoints` as launch.py passes them).
+    `token`: the learner's shared secret, put in every message sent (groups are stamped when sent, so the spooled
+    copies on disk never hold it); a reply `unauthorized` fails every waiting call with LearnerUnauthorized."""
 
     def __init__(self, actor_id: str, endpoints: dict[str, str], cfg: TransportConfig | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, *, token: str | None = None) -> None:
         missing = {"trajectories", "weights"} - set(endpoints)
         if missing:
             raise ValueError(f"learner endpoints lack {sorted(missing)}: {endpoints}")
         self.actor_id = actor_id
         self.endpoints = dict(endpoints)
+        self.token = token or None
         self.cfg = cfg or TransportConfig()
         self.metrics = metrics or Metrics()
         self._ctx = zmq.asyncio.Context.instance()
@@ -84,10 +92,13 @@ class LearnerLink:
         self._reconnected = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self._unauthorized: LearnerUnauthorized | None = None
 
     def _open(self) -> None:
         if self._closed:
             raise TransportClosed("learner link is closed")
+        if self._unauthorized is not None:
+            raise self._unauthorized
         if self._traj is not None:
             return
         self._traj, monitor = self._socket(self.endpoints["trajectories"], monitored=True)
@@ -114,7 +125,7 @@ class LearnerLink:
         with backoff until any reply (granted or not) arrives. Pass `request_id` to record it before asking."""
         self._open()
         request_id = request_id or uuid.uuid4().hex
-        frame = encode(AdmissionRequest(actor_id=self.actor_id, request_id=request_id))
+        frame = encode(AdmissionRequest(actor_id=self.actor_id, request_id=request_id, token=self.token))
         waiter = asyncio.get_running_loop().create_future()
         self._admission_waiters[request_id] = waiter
         timeout = self.cfg.reply_timeout_s
@@ -134,9 +145,12 @@ class LearnerLink:
 
     async def send_group(self, group: TrajectoryGroup, frame: bytes | None = None) -> GroupAck:
         """Deliver `group` (already encoded as `frame`, when given); resend on timeout and after a reconnect until
-        the learner acks it."""
+        the learner acks it. With a token the group is encoded again with it (the spooled frame has none)."""
         self._open()
-        frame = frame if frame is not None else encode(group)
+        if self.token is not None:
+            frame = encode(msgspec.structs.replace(group, token=self.token))
+        elif frame is None:
+            frame = encode(group)
         waiter = asyncio.get_running_loop().create_future()
         self._ack_waiters[group.group_id] = waiter
         self._unacked[group.group_id] = frame
@@ -192,6 +206,9 @@ class LearnerLink:
             waiter.set_result(message)
 
     def _on_error_reply(self, message: ErrorReply) -> None:
+        if message.code == "unauthorized":
+            self._fail_unauthorized(message)
+            return
         if message.id in self._ack_waiters:  # the learner refused the group for now (intake closed): keep it
             self.metrics.inc("groups_refused")
             log.info("learner refused group %s for now (%s): %s", message.id, message.code, message.message)
@@ -204,13 +221,26 @@ class LearnerLink:
         self.metrics.inc("error_replies")
         log.error("learner error reply (%s): %s", message.code, message.message)
 
+    def _fail_unauthorized(self, message: ErrorReply) -> None:
+        """The learner refused our token: nothing this link sends will ever be taken, so every call fails now."""
+        self.metrics.inc("learner_unauthorized")
+        if self._unauthorized is None:
+            log.error("the learner at %s rejected this actor's token (%s): learner.token_env must name the same "
+                      "token for the learner and the actors", self.endpoints["trajectories"], message.message)
+        self._unauthorized = LearnerUnauthorized(
+            f"{self.actor_id}: the learner rejected the token ({message.message}); set learner.token_env to the "
+            f"variable holding the learner's token")
+        for waiter in [*self._admission_waiters.values(), *self._ack_waiters.values()]:
+            if not waiter.done():
+                waiter.set_exception(self._unauthorized)
+
     async def release_admission(self, request_id: str, reason: str) -> None:
         """Give back a granted admission whose group will never be sent (fire and forget; the learner frees the
         slot). `request_id` is the granted AdmissionRequest's."""
         self._open()
         self._releases.add(request_id)
         await self._traj.send(encode(AdmissionRelease(actor_id=self.actor_id, request_id=request_id,
-                                                      reason=reason)))
+                                                      reason=reason, token=self.token)))
         self.metrics.inc("admission_releases")
         log.info("released admission %s: %s", request_id, reason)
 
@@ -249,7 +279,8 @@ class LearnerLink:
         """
         self._open()
         async with self._weights_lock:
-            await self._weights.send(encode(WeightQuery(actor_id=self.actor_id, have_version=have_version)))
+            await self._weights.send(encode(WeightQuery(actor_id=self.actor_id, have_version=have_version,
+                                                        token=self.token)))
             self.metrics.inc("weight_queries")
             deadline = time.perf_counter() + self.cfg.weight_timeout_s
             version: int | None = None
@@ -275,6 +306,9 @@ class LearnerLink:
                         return None
                     continue  # a late answer to an earlier query
                 if isinstance(message, ErrorReply):
+                    if message.code == "unauthorized":
+                        self._fail_unauthorized(message)
+                        raise self._unauthorized
                     self.metrics.inc("weight_error_replies")
                     log.error("learner weights error (%s): %s", message.code, message.message)
                     return None

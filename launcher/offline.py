@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from launcher.run_folder import base_model_of
-from launcher.start import Roles
+from launcher.start import Roles, actor_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run_offline(conf: Mapping[str, Any], roles: Roles, model_path: Path, questio
     settings = run[mode]
     actor_cfg = {"actors": {**conf["actors"], "sampling": {**conf["actors"]["sampling"],
                                                            "temperature": settings["temperature"]}},
-                 "algo": conf["algo"]}
+                 "algo": conf["algo"], "tokens": actor_tokens(conf)}
     out = run_dir / mode
     started = time.monotonic()
     if mode == "eval":
@@ -97,11 +97,9 @@ def curate_task(model_path: str, data_path: str, out_dir: str, tools: Mapping[st
 
     async def main() -> dict[str, Any]:
         from actors.config import ActorConfig
-        from tool_servers.client import ToolClient
+        from actors.eval import tool_clients
 
-        searching = ActorConfig.from_dict(dict(actor_cfg))
-        clients = {tool: ToolClient(list(eps), default_deadline_s=searching.episode.tool_deadline_s,
-                                    retries=searching.tool_retries) for tool, eps in tools.items()}
+        clients = tool_clients(tools, ActorConfig.from_dict(dict(actor_cfg)))
         try:
             return await curate(model_path, data_path, out_dir, clients, actor_cfg, curation, split=split,
                                 limit=limit)

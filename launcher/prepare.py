@@ -16,6 +16,7 @@ from data.datasets import convert_dataset
 from launcher.heldout import ReportConfig
 from launcher.logs import STAGES
 from models import ModelConfig, ensure_base_model
+from protocol.sockets import is_loopback_endpoint
 
 log = logging.getLogger(STAGES)
 MODES = ("async", "sync", "eval", "curate")
@@ -30,6 +31,7 @@ def check_config(cfg: DictConfig) -> None:
         log.info("run.mode=sync: algo.max_staleness %s -> 0 (actors wait for each new version)",
                  cfg.algo.max_staleness)
         cfg.algo.max_staleness = 0
+    check_tokens(cfg)
     if cfg.algo.name == "sft":
         if cfg.run.mode != "async":
             raise SystemExit(f"algo=sft trains the warm start alone; run.mode={cfg.run.mode} does not apply (drop it)")
@@ -48,6 +50,25 @@ def check_config(cfg: DictConfig) -> None:
         ReportConfig.from_dict(OmegaConf.to_container(cfg.run.report, resolve=True))
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+
+
+def check_tokens(cfg: DictConfig) -> None:
+    """Before anything starts: every listener bound beyond loopback has a token variable named, and every variable
+    named holds a token. Tool servers run in every mode but algo=sft; the learner's endpoints in async and sync."""
+    from launcher.start import learner_token, tool_token
+
+    if cfg.algo.name == "sft":
+        return
+    listeners = [("run.bind_host", cfg.run.bind_host, "tool_servers.token_env", cfg.tool_servers.get("token_env"))]
+    if cfg.run.mode in ("async", "sync"):
+        listeners.append(("learner.bind_host", cfg.learner.bind_host, "learner.token_env", cfg.learner.get("token_env")))
+    for host_knob, host, token_knob, variable in listeners:
+        if not variable and not is_loopback_endpoint(f"tcp://{host}:0"):
+            raise SystemExit(f"{host_knob}={host} listens beyond loopback, which needs a shared token: set {token_knob} "
+                             f"to the name of an environment variable holding it")
+    tool_token(cfg.tool_servers)
+    if cfg.run.mode in ("async", "sync"):
+        learner_token(cfg.learner)
 
 
 def build_world_and_base_model(conf: Mapping[str, Any]) -> WorldPaths:

@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 
 
 async def _check(world_paths: WorldPaths, endpoints: Mapping[str, list[str]], split: str, limit: int | None,
-                 reward_cfg: RewardConfig, deadline_s: float) -> dict[str, float]:
+                 reward_cfg: RewardConfig, deadline_s: float, token: str | None) -> dict[str, float]:
     from tool_servers.client import ToolClient
 
     world = load_world(world_paths)
     rows = [q for q in world.questions if q["split"] == split]
     if limit is not None:
         rows = [q for kind in KINDS for q in [r for r in rows if r["kind"] == kind][:limit]]
-    clients = {tool: ToolClient(list(addresses), default_deadline_s=deadline_s) for tool, addresses in endpoints.items()}
+    clients = {tool: ToolClient(list(addresses), token=token, default_deadline_s=deadline_s)
+               for tool, addresses in endpoints.items()}
     counts: dict[str, list[int]] = {"image_top1": [0, 0], "text_hit": [0, 0],
                                     **{f"accuracy_{k}": [0, 0] for k in KINDS}}
 
@@ -74,14 +75,16 @@ async def _check(world_paths: WorldPaths, endpoints: Mapping[str, list[str]], sp
 
 
 def check_search_path(world_paths: WorldPaths, endpoints: Mapping[str, list[str]], reward: Mapping[str, Any],
-                      split: str = "test", limit: int | None = None, deadline_s: float = 10.0) -> dict[str, float]:
-    """The figures above on the `split` questions (the first `limit` of each kind, or all)."""
+                      split: str = "test", limit: int | None = None, deadline_s: float = 10.0,
+                      token: str | None = None) -> dict[str, float]:
+    """The figures above on the `split` questions (the first `limit` of each kind, or all); `token`: the tool
+    servers' shared secret, when they have one."""
     missing = {"image_search", "text_search"} - set(endpoints)
     if missing:
         raise ValueError(f"the search-path check needs both tools; not running: {sorted(missing)}")
     started = time.monotonic()
     reward_cfg = RewardConfig(**{**reward, "valid_patterns": tuple(reward.get("valid_patterns", PAPER_PATTERNS))})
-    figures = asyncio.run(_check(world_paths, endpoints, split, limit, reward_cfg, deadline_s))
+    figures = asyncio.run(_check(world_paths, endpoints, split, limit, reward_cfg, deadline_s, token))
     figures["seconds"] = time.monotonic() - started
     return figures
 
@@ -98,13 +101,14 @@ def check_run_search_path(conf: Mapping[str, Any], world_paths: WorldPaths, endp
     warm_start.jsonl. A failing check is logged, not fatal: the run's own evaluations show the consequences."""
     from launcher.heldout import record_warm_start
     from launcher.logs import STAGES
+    from launcher.start import tool_token
 
     tools = conf["tool_servers"]
     if conf["data"].get("path") or any(tools[t].get("backend", "local") != "local" for t in ("image", "text")):
         return None
     try:
         figures = check_search_path(world_paths, endpoints, conf["actors"]["reward"],
-                                    split=conf["run"]["report"]["split"] or "test")
+                                    split=conf["run"]["report"]["split"] or "test", token=tool_token(tools))
     except Exception as exc:
         log.error("search-path check failed: %s", exc)
         return None

@@ -6,12 +6,12 @@ holds their handles and where each runs (roles.json); launcher/supervise.py keep
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from launcher.logs import STAGES, logged_actor, logged_task, role_log_dir
 from launcher.placement import Placement, advertised, bundle, resource_options, where_am_i
+from protocol.sockets import token_from_env
 
 log = logging.getLogger(__name__)
 stage = logging.getLogger(STAGES)
@@ -31,6 +31,7 @@ class Roles:
         self.learner_ranks: list[Any] = []
         self.actors: list[Any] = []
         self.where: dict[str, list[dict[str, Any]]] = {"tool_servers": [], "learner": [], "actors": []}
+        self.learner_token: str | None = None  # learner rank 0's shared token, handed to the actors (never written)
         self.log_dir = role_log_dir(cfg["run"])  # <run>/logs: each role's output (None: to the console)
 
     def start_tool_servers(self, world: Any) -> dict[str, list[str]]:
@@ -62,17 +63,20 @@ class Roles:
         return endpoints
 
     def start_learner(self, model_path: Path) -> dict[str, str]:
-        """`learner.world_size` FSDP2 ranks in one packed placement group; returns rank 0's endpoints."""
+        """`learner.world_size` FSDP2 ranks in one packed placement group; returns rank 0's endpoints. Rank 0 gets the
+        shared token of `learner.token_env` (read from this process's environment)."""
         from learner.role import LearnerRank
-
         cfg = self.cfg
         world_size = int(cfg["learner"]["world_size"])
+        # Read here, where the operator set the variable: ranks on other nodes do not inherit launch.py's environment.
+        self.learner_token = learner_token(cfg["learner"])
         group, master, port = self.placement.rank_world("learner", world_size)
         learner_cfg = {"learner": dict(cfg["learner"]), "algo": dict(cfg["algo"])}
         self.learner_ranks = [
             self._ray.remote(logged_actor(LearnerRank, f"learner{rank}", self.log_dir))
             .options(max_concurrency=4, **self.placement.rank_options(group, rank))
-            .remote(rank, world_size, master, port, str(model_path), learner_cfg)
+            .remote(rank, world_size, master, port, str(model_path), learner_cfg,
+                    token=self.learner_token if rank == 0 else None)
             for rank in range(world_size)
         ]
         endpoints = self._ray.get(self.learner_ranks[0].endpoints.remote())
@@ -94,7 +98,8 @@ class Roles:
         cfg, spec = self.cfg, self.placement.spec("actors")
         count = int(cfg["actors"]["num_actors"])
         group = self.placement.group("actors", [bundle(spec)] * count, str(spec["strategy"]))
-        actor_cfg = {"actors": dict(cfg["actors"]), "algo": dict(cfg["algo"])}
+        actor_cfg = {"actors": dict(cfg["actors"]), "algo": dict(cfg["algo"]),
+                     "tokens": actor_tokens(cfg, self.learner_token)}
         self.actors = [
             self._ray.remote(logged_actor(RolloutActor, f"actor{i}", self.log_dir))
             .options(**actor_restart_options(cfg["run"]), **resource_options(spec), **Placement.options(group, i))
@@ -136,9 +141,21 @@ def actor_restart_options(run: Mapping[str, Any]) -> dict[str, int]:
 
 def tool_token(tool_servers: Mapping[str, Any]) -> str | None:
     """The tool servers' shared token, read from the environment variable named in conf (never from a file)."""
-    name = tool_servers.get("token_env")
-    if not name:
-        return None
-    if not os.environ.get(name):
-        raise SystemExit(f"tool_servers.token_env={name!r} but that environment variable is empty or unset")
-    return os.environ[name]
+    try:
+        return token_from_env(tool_servers.get("token_env"), "tool_servers.token_env")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def learner_token(learner: Mapping[str, Any]) -> str | None:
+    """The learner endpoints' shared token, read from the environment variable `learner.token_env` names."""
+    try:
+        return token_from_env(learner.get("token_env"), "learner.token_env")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def actor_tokens(cfg: Mapping[str, Any], learner: str | None = None) -> dict[str, str | None]:
+    """The secrets a rollout actor or an eval/curate worker sends (actors.config.ActorTokens): the learner's and the
+    tool servers'. They travel as arguments of the Ray call, never in conf/ or a file of the run folder."""
+    return {"learner": learner, "tools": tool_token(cfg["tool_servers"])}

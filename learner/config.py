@@ -144,6 +144,7 @@ class LearnerConfig:
     take_timeout_s: float = 1.0
     collective_timeout_s: float = 1800.0
     bind_host: str = "127.0.0.1"
+    token_env: Optional[str] = None  # environment variable holding the endpoints' shared token (never the token)
     max_image_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:

@@ -42,7 +42,7 @@ from learner.weight_transport import WeightPublisher
 from learner.weights import ZmqWeightPublisher, gather_full_state_dict, make_publisher, to_checkpoint_names
 from protocol import TrajectoryGroup
 from protocol.metrics import Metrics
-from protocol.sockets import is_loopback_endpoint
+from protocol.sockets import is_loopback_endpoint, token_from_env
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,15 @@ class LearnerRank:
     """One rank of the learner world. `cfg` = {"learner": {...}, "algo": {...}} (see conf/learner, conf/algo)."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
-                 cfg: dict[str, Any]) -> None:
+                 cfg: dict[str, Any], *, token: Optional[str] = None) -> None:
+        """`token`: the endpoints' shared secret; None reads it from the variable `learner.token_env` names (the
+        launcher reads it in its own process and hands it over, as ranks on other nodes lack that variable)."""
         self.learner = LearnerConfig.from_dict(cfg.get("learner"))
         self.algo = AlgoConfig.from_dict(cfg.get("algo"))
         if world_size != self.learner.world_size:
             raise ValueError(f"world_size={world_size} but learner.world_size={self.learner.world_size}")
+        if token is None and rank == 0:
+            token = learner_token(self.learner)  # before joining the world: a missing variable fails at once
         torch.set_num_threads(self.learner.threads)
         self.rank, self.world_size = rank, world_size
         device = rank_device(self.learner, rank)
@@ -105,9 +109,9 @@ class LearnerRank:
                 journal = GroupJournal(os.path.join(self.learner.checkpoint_dir, "journal"))
             self.service = TrajectoryService(self.admission, self._validate, self.metrics, endpoint, allow_remote,
                                              restore=restore, version=self.version, journal=journal,
-                                             replay_after=replay_after)
+                                             replay_after=replay_after, token=token)
             self._endpoint = ZmqWeightPublisher(endpoint, self.learner.weight_bucket_mb, self.learner.publish_dtype,
-                                                self.metrics, allow_remote)
+                                                self.metrics, allow_remote, token=token)
             self.publisher = make_publisher(
                 self.learner.weight_transport, self._endpoint, weight_dir=self.learner.weight_dir,
                 keep=self.learner.weight_keep_versions, nccl_master_addr=self.learner.bind_host,
@@ -345,6 +349,12 @@ class LearnerRank:
             self.publisher.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def learner_token(learner: LearnerConfig) -> Optional[str]:
+    """The endpoints' shared token from the environment variable `learner.token_env` names (None when it names
+    none); a named variable that is unset or empty is a ValueError naming it."""
+    return token_from_env(learner.token_env, "learner.token_env")
 
 
 def rank_device(learner: LearnerConfig, rank: int) -> torch.device:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import socket
 from urllib.parse import urlparse
 
@@ -37,6 +38,20 @@ def token_matches(given: str | None, expected: str | None) -> bool:
     if expected is None:
         return True
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def token_from_env(variable: str | None, knob: str) -> str | None:
+    """The shared token held by the environment variable `variable` (named by config knob `knob`, e.g.
+    learner.token_env), or None when no variable is named. A named variable that is unset or empty is a ValueError
+    naming both: a run that asked for a token must never start without one. Tokens live only in the environment,
+    never in config or run files."""
+    if not variable:
+        return None
+    token = os.environ.get(variable)
+    if not token:
+        raise ValueError(f"{knob}={variable!r} but that environment variable is empty or unset (it must hold the "
+                         f"shared token)")
+    return token
 
 
 def configure(socket: zmq.Socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> zmq.Socket:

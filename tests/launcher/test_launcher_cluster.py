@@ -1,5 +1,5 @@
 """Placement helpers (bundles, advertised endpoints, loopback detection), the socket-safe run-folder alias, and
-the launcher's config checks (modes, sync pins max_staleness to 0, temperature agreement, missing paths)."""
+the launcher's config checks (modes, sync pins max_staleness to 0, temperature agreement, missing paths, tokens)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,6 +53,20 @@ def test_tool_token_comes_from_the_named_environment_variable(monkeypatch):
     monkeypatch.delenv("FORAGE_TEST_TOKEN")
     with pytest.raises(SystemExit, match="FORAGE_TEST_TOKEN"):
         tool_token({"token_env": "FORAGE_TEST_TOKEN"})
+
+
+def test_tokens_are_checked_before_anything_starts(monkeypatch):
+    monkeypatch.delenv("FORAGE_TEST_TOKEN", raising=False)
+    with pytest.raises(SystemExit, match="learner.bind_host=0.0.0.0 .* set learner.token_env"):
+        check_config(_cfg("learner.bind_host=0.0.0.0"))
+    with pytest.raises(SystemExit, match="run.bind_host=0.0.0.0 .* set tool_servers.token_env"):
+        check_config(_cfg("run.bind_host=0.0.0.0"))
+    with pytest.raises(SystemExit, match="learner.token_env='FORAGE_TEST_TOKEN'"):
+        check_config(_cfg("learner.bind_host=0.0.0.0", "learner.token_env=FORAGE_TEST_TOKEN"))
+    check_config(_cfg("run.mode=eval", "learner.bind_host=0.0.0.0"))  # no learner in eval: nothing to guard
+    monkeypatch.setenv("FORAGE_TEST_TOKEN", "s3cret")
+    check_config(_cfg("learner.bind_host=0.0.0.0", "learner.token_env=FORAGE_TEST_TOKEN", "run.bind_host=0.0.0.0",
+                      "tool_servers.token_env=FORAGE_TEST_TOKEN"))
 
 
 def _cfg(*overrides: str):
