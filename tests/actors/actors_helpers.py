@@ -35,10 +35,12 @@ def corpus(lines: int = 600, seed: int = 0) -> list[str]:
 
 
 def build_model(out_dir: Path, family: str = "qwen2_5_vl") -> Path:
-    """A random-init tiny model (models.tiny) with a tokenizer trained on WORDS."""
+    """A random-init tiny model (models.tiny) with a tokenizer trained on WORDS, in the mmsearch_r1 prompt format
+    (the one scripted_episode writes)."""
     from models.tiny import TinyModelConfig, build_tiny_model
 
-    return build_tiny_model(TinyModelConfig(family=family, vocab_size=400, tokenizer_min_frequency=2),
+    return build_tiny_model(TinyModelConfig(family=family, vocab_size=400, tokenizer_min_frequency=2,
+                                            prompt="mmsearch_r1"),
                             corpus(), out_dir)
 
 

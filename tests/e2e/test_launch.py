@@ -113,17 +113,21 @@ class LaunchWatch:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def rows(self) -> list[dict]:
-        """The learner steps' rows (held-out eval rows carry only `step` and eval/ keys)."""
-        return [r for r in self.all_rows() if "trajectories" in r]
+        """The learner steps' rows, RL or warm start (held-out eval rows carry only `step` and eval/ keys)."""
+        return [r for r in self.all_rows() if not _is_eval_row(r)]
 
     def eval_rows(self) -> list[dict]:
-        return [r for r in self.all_rows() if "trajectories" not in r]
+        return [r for r in self.all_rows() if _is_eval_row(r)]
 
     def assert_nothing_left(self, keep: set[int] = frozenset()) -> None:
         assert not self.wide, f"listeners beyond loopback: {self.wide}"
         time.sleep(2)
         alive = _alive(self.seen - {self.proc.pid} - set(keep))
         assert not alive, f"processes left behind: {alive}"
+
+
+def _is_eval_row(row: dict) -> bool:
+    return all(key == "step" or key.startswith("eval/") for key in row)
 
 
 def _role_processes(pids) -> list[tuple[int, list[str]]]:
