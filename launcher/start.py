@@ -51,7 +51,7 @@ class Roles:
             backend_cfg["corpus"] = backend_cfg.get("corpus") or corpora[tool]
             replicas = [self._ray.remote(logged_actor(ToolServerRole, f"{tool}{i}", self.log_dir)).options(**options)
                         .remote(tool, backend_cfg, f"tcp://{run['bind_host']}:*", limits=cfg["tool_servers"]["limits"],
-                                token=token, snapshot=snapshot)
+                                token=token, snapshot=snapshot, replica=i)
                         for i in range(int(backend_cfg["replicas"]))]
             self.tool_servers += replicas
             self.tool_names += [tool] * len(replicas)

@@ -19,6 +19,7 @@ from tool_servers.backends import BACKEND_KINDS, TOOL_SECTIONS, build_backend
 from tool_servers.client import ToolClient
 from tool_servers.discovery import read_discovery, register, unregister
 from tool_servers.errors import ToolCallError
+from tool_servers.latency import latency_model
 from tool_servers.limits import ServerLimits
 from tool_servers.server import ToolServer, advertised, build_cache
 from tool_servers.snapshot import REPLAY_MISS, SnapshotConfig, SnapshotError
@@ -108,8 +109,10 @@ async def _serve(args: argparse.Namespace) -> int:
     backend = build_backend(args.tool, section)
     try:
         cache = None if snapshot.replay else build_cache(args.tool, section)
+        latency = latency_model(args.tool, section)
         server = ToolServer({args.tool: backend}, bind=args.bind, token=_token(args.token_env),
-                            limits=ServerLimits.from_mapping(limits), cache=cache, snapshot=snapshot)
+                            limits=ServerLimits.from_mapping(limits), cache=cache, snapshot=snapshot,
+                            latency={args.tool: latency} if latency else None)
         endpoint = advertised(await server.start(), args.advertise_host)
     except BaseException:
         backend.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ from protocol.sockets import configure, require_token_beyond_loopback, token_mat
 from tool_servers.backends import DEPLOYMENT_KEYS, Backend, BatchResult, build_backend
 from tool_servers.cache import CacheConfig, ResultCache, request_text
 from tool_servers.errors import ToolCallError
+from tool_servers.latency import LatencyModel, latency_model
 from tool_servers.limits import ServerLimits, check_args
 from tool_servers.snapshot import SnapshotConfig, SnapshotReader, SnapshotRecorder
 
@@ -79,6 +81,7 @@ class _Pending:
     answered: bool = False
     cache_key: Optional[str] = None
     request_text: Optional[str] = None  # the normalised request, when a snapshot records or replays
+    release_at: Optional[float] = None  # loop.time() before which no reply leaves (the latency model's draw)
 
 
 @dataclass
@@ -98,13 +101,16 @@ class ToolServer:
     then carry (compared in constant time). All socket I/O happens on the event loop; backends run in
     per-tool executor threads. `cache` (optional) is shared by all tools; its keys include the tool name.
     `snapshot` (optional): `record` stores every ok reply in a snapshot; `replay` answers from one before (and,
-    with replay_miss="error", instead of) the backend, and cannot be combined with a cache.
+    with replay_miss="error", instead of) the backend, and cannot be combined with a cache. `latency` (optional,
+    {tool: LatencyModel}) holds each reply of that tool back until its drawn delay has passed since receipt
+    (tool_servers/latency.py).
     """
 
     def __init__(self, backends: Mapping[str, Backend], *, bind: str = "tcp://127.0.0.1:*",
                  token: str | None = None, limits: ServerLimits | None = None,
                  metrics: Metrics | None = None, cache: ResultCache | None = None,
-                 snapshot: SnapshotConfig | None = None) -> None:
+                 snapshot: SnapshotConfig | None = None,
+                 latency: Mapping[str, LatencyModel] | None = None) -> None:
         if not backends:
             raise ValueError("ToolServer needs at least one backend")
         require_token_beyond_loopback(bind, token, "a tool server")
@@ -117,6 +123,10 @@ class ToolServer:
         self.metrics = metrics or Metrics()
         self.cache = cache
         self.snapshot = snapshot
+        self.latency = dict(latency or {})
+        unknown = sorted(set(self.latency) - set(self.backends))
+        if unknown:
+            raise ValueError(f"latency models for tools {unknown} this server does not serve ({sorted(self.backends)})")
         self._replay: SnapshotReader | None = None
         self._recorder: SnapshotRecorder | None = None
         self._sources = {tool: type(backend).__name__ for tool, backend in self.backends.items()}
@@ -135,6 +145,9 @@ class ToolServer:
             self.metrics.inc(name, 0.0)
         if snapshot.enabled:
             for name in ("snapshot_hits", "snapshot_misses", "snapshot_records", "snapshot_record_dropped"):
+                self.metrics.inc(name, 0.0)
+        if self.latency:
+            for name in ("latency_injected_s", "latency_injected_count", "latency_past_deadline"):
                 self.metrics.inc(name, 0.0)
 
     # ------------------------------------------------------------------ lifecycle
@@ -317,12 +330,15 @@ class ToolServer:
             lane.backend.validate(request.args)
             if self.snapshot.enabled:
                 pending.request_text = request_text(request.args)
+            model = self.latency.get(request.tool)
+            if model is not None:
+                pending.release_at = pending.received + model.draw()
             if self.cache is not None:
                 pending.cache_key = self.cache.key(request.tool, request.args)
                 items = self.cache.get_memory(pending.cache_key)
                 if items is not None:
                     self.metrics.inc("cache_hits")
-                    self._answer(pending, items=items, source="cache")
+                    self._reply(pending, items=items, source="cache")
                     return
             lane.queue.put_nowait(pending)
         except ToolCallError as exc:
@@ -336,11 +352,12 @@ class ToolServer:
             log.exception("%s validate failed", request.tool)
             self._answer(pending, error=ToolCallError("backend_error", f"{type(exc).__name__}: {exc}"))
             return
-        # Leave a margin so the timeout reply reaches the client before its own deadline passes.
-        margin_s = min(self.limits.reply_margin_ms, request.deadline_ms / 2) / 1000.0
-        pending.timer = loop.call_at(
-            pending.received + request.deadline_ms / 1000.0 - margin_s, self._expire, pending
-        )
+        pending.timer = loop.call_at(self._expiry(pending), self._expire, pending)
+
+    def _expiry(self, pending: _Pending) -> float:
+        """When `timeout` is sent: a margin before the deadline, so that it reaches the client in time."""
+        margin_s = min(self.limits.reply_margin_ms, pending.request.deadline_ms / 2) / 1000.0
+        return pending.received + pending.request.deadline_ms / 1000.0 - margin_s
 
     def _expire(self, pending: _Pending) -> None:
         self._answer(pending, error=ToolCallError(
@@ -386,9 +403,9 @@ class ToolServer:
                     "backend_error", f"{type(result).__name__}: {result}")
                 if error.code == "backend_error" and result is not batch_error:  # batch failures logged above
                     log.warning("%s request %s failed: %s", tool, pending.request.id, error.message)
-                self._answer(pending, error=error)
+                self._reply(pending, error=error)
             else:
-                self._answer(pending, items=result, source=source)
+                self._reply(pending, items=result, source=source)
 
     def _run_batch(self, tool: str, backend: Backend, batch: list[dict[str, Any]], keys: list[str | None],
                    requests: list[str | None]) -> tuple[list[BatchResult], list[str]]:
@@ -409,6 +426,7 @@ class ToolServer:
                     continue
                 self.metrics.inc("snapshot_misses")
                 if self.snapshot.replay_miss == "error":
+                    sources[i] = "snapshot"  # the snapshot answered (with its miss), not the backend
                     results[i] = ToolCallError("backend_error", f"snapshot miss: {tool} {requests[i]:.300} is not "
                                                                 f"in the replayed snapshot {self._replay.file}")
                     continue
@@ -445,6 +463,34 @@ class ToolServer:
         return results, sources
 
     # ------------------------------------------------------------------ replying
+
+    def _reply(self, pending: _Pending, *, items: list[ToolItem] | None = None,
+               error: ToolCallError | None = None, source: str = "live") -> None:
+        """Answer now, or at the request's `release_at` when the latency model holds it back: a timer per reply, so
+        held replies wait side by side. One that would land after the deadline is left to the deadline's
+        `timeout` (counted in latency_past_deadline and, like any late result, late_results_dropped)."""
+        model = self.latency.get(pending.request.tool)
+        release = pending.release_at
+        if pending.answered or model is None or release is None or (source != "live" and not model.cached):
+            self._answer(pending, items=items, error=error, source=source)
+            return
+        loop = asyncio.get_running_loop()
+        wait_s = release - loop.time()
+        if wait_s <= 0:  # the backend took longer than the drawn delay
+            self._answer(pending, items=items, error=error, source=source)
+            return
+        expiry = self._expiry(pending)
+        if release >= expiry:
+            self.metrics.inc("latency_past_deadline")
+            self.metrics.inc("late_results_dropped")
+            if error is None:
+                self._record(pending, items or [], source)  # paid for all the same, as any late result
+            if pending.timer is None:  # answered from the memory cache at admission: no deadline timer yet
+                pending.timer = loop.call_at(expiry, self._expire, pending)
+            return
+        self.metrics.inc("latency_injected_s", wait_s)
+        self.metrics.inc("latency_injected_count")
+        loop.call_at(release, functools.partial(self._answer, pending, items=items, error=error, source=source))
 
     def _answer(self, pending: _Pending, *, items: list[ToolItem] | None = None,
                 error: ToolCallError | None = None, source: str = "live") -> None:
@@ -536,11 +582,14 @@ class ToolServerRole:
     server's ResultCache); `limits` the conf `limits:` mapping. `advertise_host` replaces a wildcard bind
     address in the returned endpoint (replicas on other hosts bind 0.0.0.0 and need a token). `snapshot`: the
     conf's `record` / `replay` / `replay_miss` (a replaying server has no result cache: the snapshot is the store).
+    The section's optional `latency:` mapping turns on the latency model; `replica` (this replica's index) is mixed
+    into its seed so that replicas draw different delays.
     """
 
     def __init__(self, tool: str, backend_cfg: Mapping[str, Any], bind: str = "tcp://127.0.0.1:*", *,
                  limits: ServerLimits | Mapping[str, Any] | None = None, token: str | None = None,
-                 advertise_host: str | None = None, snapshot: SnapshotConfig | Mapping[str, Any] | None = None) -> None:
+                 advertise_host: str | None = None, snapshot: SnapshotConfig | Mapping[str, Any] | None = None,
+                 replica: int = 0) -> None:
         self.tool = tool
         self.backend_cfg = dict(backend_cfg)
         self.bind = bind
@@ -549,6 +598,7 @@ class ToolServerRole:
         self.advertise_host = advertise_host
         self.snapshot = snapshot if isinstance(snapshot, SnapshotConfig) else SnapshotConfig.from_mapping(snapshot)
         CacheConfig.from_mapping(self.backend_cfg.get("cache"))  # typos in the cache section fail here, early
+        self.latency = latency_model(tool, self.backend_cfg, replica)  # and in the latency section
         self.endpoint: str | None = None
         self._server: ToolServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -561,7 +611,8 @@ class ToolServerRole:
         backend = build_backend(self.tool, self.backend_cfg)
         cache = None if self.snapshot.replay else build_cache(self.tool, self.backend_cfg)  # the snapshot is the store
         self._server = ToolServer({self.tool: backend}, bind=self.bind, token=self.token, limits=self.limits,
-                                  cache=cache, snapshot=self.snapshot)
+                                  cache=cache, snapshot=self.snapshot,
+                                  latency={self.tool: self.latency} if self.latency else None)
         self._loop = asyncio.new_event_loop()
         started: concurrent.futures.Future[str] = concurrent.futures.Future()
 

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 # Tool name on the wire -> its section in conf/tool_servers/*.yaml.
 TOOL_SECTIONS: dict[str, str] = {"image_search": "image", "text_search": "text"}
 # Keys of a tool section that describe the deployment, not the backend's constructor.
-DEPLOYMENT_KEYS = frozenset({"backend", "replicas", "cache"})
+DEPLOYMENT_KEYS = frozenset({"backend", "replicas", "cache", "latency"})
 # backend kind -> what it is; every kind serves both tools.
 BACKEND_KINDS: dict[str, str] = {
     "local": "offline indexes: faiss over image embeddings; BM25 (bm25s) or dense text over a JSONL corpus",
@@ -40,8 +40,8 @@ def _backend_class(tool: str, kind: str) -> type:
 def build_backend(tool: str, cfg: Mapping[str, Any]) -> Backend:
     """Build the backend for `tool` ("image_search" | "text_search") from its config section.
 
-    `cfg` holds `backend` (one of BACKEND_KINDS; default "local") and the backend's knobs; `replicas` and
-    `cache` are for the server (see ToolServerRole). Local backends need `corpus` (a path); the others ignore
+    `cfg` holds `backend` (one of BACKEND_KINDS; default "local") and the backend's knobs; `replicas`, `cache`
+    and `latency` are for the server (see ToolServerRole). Local backends need `corpus` (a path); the others ignore
     a `corpus` key, since launch.py fills it in for every kind. Unknown knobs raise ValueError naming them.
     """
     cfg = dict(cfg)
