@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import secrets
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -95,6 +96,9 @@ class RayCluster:
         import ray
 
         adopt_ray_logger(bool(run.get("verbose")))
+        if not sys.stdout.isatty():
+            # Ray colours the "(Role pid=N)" prefix of forwarded lines; in a log file or a pipe those are escape codes.
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         self._ray = ray
         self.address = address
         if address == "local":
