@@ -55,6 +55,43 @@ def test_trajectory_group_round_trips_with_exact_arrays():
     assert traj.images == [b"\x89PNG fake"] and traj.reward == pytest.approx(0.91)
 
 
+class OldTrajectory(msgspec.Struct, kw_only=True):
+    """Trajectory as a reader from before `tool_failed` declared it (fields abridged)."""
+
+    token_ids: NDArray
+    loss_mask: NDArray
+    behaviour_logprobs: NDArray
+    versions: NDArray
+    reward: float = 0.0
+
+
+class OldGroup(msgspec.Struct, tag_field="type", tag="group", kw_only=True):
+    v: int
+    group_id: str
+    actor_id: str
+    prompt_id: str
+    trajectories: list[OldTrajectory] = []
+
+
+def test_the_tool_failed_flag_round_trips_and_old_groups_decode_without_it():
+    """Trajectory.tool_failed is optional: a group sent before the field existed (a journal, a spool, an older
+    actor) decodes with it False, and an older reader ignores it (unknown fields are allowed)."""
+    flagged = msgspec.structs.replace(_trajectory(), tool_failed=True, finish_reason="tool_failed")
+    group = TrajectoryGroup(group_id="g1", actor_id="a0", prompt_id="q7", trajectories=[_trajectory(), flagged])
+    back = decode(encode(group), LearnerInbound)
+    assert [t.tool_failed for t in back.trajectories] == [False, True]
+
+    old = msgspec.msgpack.decode(encode(group))
+    for traj in old["trajectories"]:
+        del traj["tool_failed"]  # what an actor of the previous release sends
+    back = decode(msgspec.msgpack.encode(old), LearnerInbound)
+    assert [t.tool_failed for t in back.trajectories] == [False, False]
+    assert back.trajectories[1].finish_reason == "tool_failed"  # everything else as sent
+
+    read_by_old = msgspec.msgpack.decode(encode(group), type=OldGroup)
+    assert [t.reward for t in read_by_old.trajectories] == [pytest.approx(0.91)] * 2
+
+
 @pytest.mark.parametrize(
     "message, union",
     [
