@@ -199,7 +199,8 @@ class RolloutActor:
         """One greedy pass over held-out questions (`split`, the first `per_label` of each search label) played as
         eval `mode` says (actors/eval.py EVAL_MODES), on this actor's engine once it runs policy `min_version` or
         newer; weight updates wait until the pass is done, so every episode sees the same version. Rollout groups
-        keep playing beside it. Returns {mode, version, seconds, samples} (samples: actors.eval.sample_row)."""
+        keep playing beside it. Returns {mode, version, seconds, samples, tool_failed} (samples:
+        actors.eval.sample_row; tool_failed: how many of them a tool outage ended, each flagged in its sample)."""
         from actors.eval import eval_questions, heldout_questions
 
         if self._slot is None or self.tokenizer is None or self._poller is None:
@@ -225,9 +226,14 @@ class RolloutActor:
         seconds = time.perf_counter() - started
         self._metrics.inc("eval_passes")
         self._metrics.observe("eval_pass_s", seconds)
+        failed = sum(bool(r["tool_failed"]) for r in rows)
+        self._metrics.inc("eval_tool_failed", failed)
         log.info("%s: %s eval of %d held-out questions at policy version %d in %.1f s", self.actor_id, mode,
                  len(rows), version, seconds)
-        return {"mode": mode, "version": version, "seconds": seconds, "samples": rows}
+        if failed:
+            log.warning("%s: %d of the %s eval's %d episodes were cut by a tool outage (tool_failed)", self.actor_id,
+                        failed, mode, len(rows))
+        return {"mode": mode, "version": version, "seconds": seconds, "samples": rows, "tool_failed": failed}
 
     async def _release_grant(self, grant: Grant, reason: str) -> None:
         assert self._admissions is not None

@@ -70,6 +70,7 @@ class EpisodeResult:
     image_searches: int = 0
     text_searches: int = 0
     tool_errors: int = 0
+    tool_failed: bool = False  # a tool outage ended the episode (finish_reason "tool_failed")
     finish_reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -90,6 +91,7 @@ class EpisodeResult:
             images=list(self.images), reward=reward.total, reward_parts=reward.parts(),
             image_searches=self.image_searches, text_searches=self.text_searches, tool_errors=self.tool_errors,
             num_turns=len(self.turns), finish_reason=self.finish_reason, timings=dict(self.timings),
+            tool_failed=self.tool_failed,
         )
 
 
@@ -114,8 +116,11 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
     and the model writes the query or answer. A turn whose reason does not close is left as generated; turns
     beyond the workflow are free. `hint` adds a workflow hint (episode.prompts.HINTS) to the first user turn.
 
-    Engine errors propagate (the caller re-runs the whole episode); tool failures do not: the model reads
-    MMSearch-R1's in-band error text and the error is counted."""
+    Engine errors propagate (the caller re-runs the whole episode); tool failures do not. A call the tool rejects
+    (bad_request, too_large: the model's malformed call) shows MMSearch-R1's in-band error text and the episode
+    goes on; a call that fails for infrastructure reasons (tool_servers.errors.INFRASTRUCTURE_CODES: deadline,
+    every replica down, server error) ends it as `tool_failed`, an outcome that says nothing about the model: the
+    learner trains without it and eval reports it apart. Both are counted."""
     if workflow is not None:
         unknown = [action for action in workflow if action not in FORCED_ACTIONS]
         if unknown:
@@ -219,10 +224,14 @@ async def run_episode(engine: Engine, tok: EpisodeTokenizer, tools: Mapping[str,
         t0 = time.perf_counter()
         if over:  # on_search_over_limit == "inform": no call; the model is told to answer on its own
             metrics.inc(f"searches_refused_{action.kind}")
-            message, new_images, new_bytes = tok.prompt.notice_message(prompts.SEARCH_LIMIT), [], []
+            shown = tok.prompt.notice_message(prompts.SEARCH_LIMIT), [], []
         else:
-            message, new_images, new_bytes = await _search(action, question, tools, cfg, result, metrics, tok.prompt)
+            shown = await _search(action, question, tools, cfg, result, metrics, tok.prompt)
         tool_s += time.perf_counter() - t0
+        if shown is None:  # a tool outage: whatever the model did next would not be its own doing
+            result.finish_reason = "tool_failed"
+            break
+        message, new_images, new_bytes = shown
         prompt.extend(tok.continuation_with(message, len(new_images)))
         images.extend(new_images)
         result.images.extend(new_bytes)
@@ -243,11 +252,13 @@ def _over_limit(action: TurnAction, result: EpisodeResult, cfg: EpisodeConfig) -
 
 async def _search(action: TurnAction, question: Question, tools: Mapping[str, ToolCaller], cfg: EpisodeConfig,
                   result: EpisodeResult, metrics: Metrics, fmt: prompts.PromptFormat = prompts.DEFAULT_FORMAT
-                  ) -> tuple[dict, list[Image.Image], list[bytes]]:
-    """Run the call; return the user message to show, the images it holds and their bytes.
+                  ) -> tuple[dict, list[Image.Image], list[bytes]] | None:
+    """Run the call; return the user message to show, the images it holds and their bytes, or None when the call
+    failed for infrastructure reasons (the episode is then `tool_failed`).
 
-    A failed call (error reply, no reply by the deadline, unknown tool) shows MMSearch-R1's in-band error text
-    and is counted; a call that succeeds with no hits shows "no results".
+    A call the tool rejects (bad_request, too_large) shows MMSearch-R1's in-band error text; a call that succeeds
+    with no hits shows "no results". Every failure is counted (tool_errors_<tool>; outages also
+    tool_outages_<tool>).
     """
     tool = action.kind
     if tool == IMAGE_SEARCH:
@@ -268,7 +279,12 @@ async def _search(action: TurnAction, question: Question, tools: Mapping[str, To
     except (ToolCallError, asyncio.TimeoutError) as exc:
         result.tool_errors += 1
         metrics.inc(f"tool_errors_{tool}")
-        log.warning("%s failed for question %s: %s", tool, question.id, exc)
+        if not isinstance(exc, ToolCallError) or exc.infrastructure:
+            result.tool_failed = True
+            metrics.inc(f"tool_outages_{tool}")
+            log.warning("%s outage for question %s, the episode is tool_failed: %s", tool, question.id, exc)
+            return None
+        log.warning("%s rejected the call for question %s: %s", tool, question.id, exc)
         return fmt.notice_message(prompts.SEARCH_ERROR), [], []
     finally:
         metrics.observe(f"tool_latency_s_{tool}", time.perf_counter() - started)

@@ -4,6 +4,10 @@ write per-sample results and aggregate accuracy and search ratios per question k
     SR           = searches made / searches allowed   (allowed = max_image_searches + max_text_searches per sample)
     searched     = share of samples that made at least one search (the "search ratio" of the MMSearch-R1 paper)
 
+A sample a tool outage ended (`tool_failed`: deadline, every replica down, server error) is not the model's error:
+`tool_failed` counts them, and every other column but `n` is computed over the n − tool_failed samples the tools
+answered (so an outage shows as a count, not as lower accuracy).
+
 Outputs in `out_dir`: samples.jsonl and samples.parquet (one row per question), summary.json (the table and the
 settings) and summary.md (the table as markdown). Run it with `python -m actors eval ...` or call `run_eval`.
 """
@@ -28,7 +32,7 @@ from protocol.metrics import Metrics
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("group", "n", "accuracy", "reward", "format", "SR", "SR_image", "SR_text", "searched",
-                 "searches", "turns", "tool_errors")
+                 "searches", "turns", "tool_errors", "tool_failed")
 
 # How an evaluation plays each question (run_episode's `workflow` and `hint`): as MMSearch-R1 prompts its baselines,
 # always_search and never_search tell the model the workflow (episode.prompts.HINTS) and force its actions too.
@@ -94,13 +98,14 @@ def sample_row(question: Question, result: EpisodeResult, cfg: ActorConfig) -> d
         "correct": bool(reward.accuracy), "reward": reward.total, "format": reward.format,
         "image_searches": result.image_searches, "text_searches": result.text_searches,
         "searches": result.image_searches + result.text_searches, "turns": len(result.turns),
-        "finish_reason": result.finish_reason, "tool_errors": result.tool_errors,
+        "finish_reason": result.finish_reason, "tool_errors": result.tool_errors, "tool_failed": result.tool_failed,
         "tokens_generated": int(sum(result.loss_mask)), "episode_s": result.timings.get("episode_s", 0.0),
     }
 
 
 def aggregate(rows: list[Mapping[str, Any]], max_image_searches: int, max_text_searches: int) -> list[dict]:
-    """Table rows: "all", then one per question kind ("kind=...") and per search label ("label=...")."""
+    """Table rows: "all", then one per question kind ("kind=...") and per search label ("label=..."). `n` counts
+    every sample, `tool_failed` those a tool outage ended; the other columns are over the rest."""
     groups: dict[str, list[Mapping[str, Any]]] = {"all": list(rows)}
     for row in rows:
         groups.setdefault(f"kind={row['kind'] or '-'}", []).append(row)
@@ -108,14 +113,15 @@ def aggregate(rows: list[Mapping[str, Any]], max_image_searches: int, max_text_s
         groups.setdefault(f"label={row['search_label'] or '-'}", []).append(row)
     allowed = max_image_searches + max_text_searches
     table = []
-    for name, members in groups.items():
-        n = len(members)
-        if n == 0:
+    for name, everyone in groups.items():
+        if not everyone:
             continue
+        members = [r for r in everyone if not r.get("tool_failed", False)]
+        n = max(len(members), 1)  # all tool_failed: the rates are 0 and `tool_failed` says why
         image = sum(r["image_searches"] for r in members)
         text = sum(r["text_searches"] for r in members)
         table.append({
-            "group": name, "n": n,
+            "group": name, "n": len(everyone),
             "accuracy": sum(r["correct"] for r in members) / n,
             "reward": sum(r["reward"] for r in members) / n,
             "format": sum(r["format"] for r in members) / n,
@@ -125,7 +131,8 @@ def aggregate(rows: list[Mapping[str, Any]], max_image_searches: int, max_text_s
             "searched": sum(r["searches"] > 0 for r in members) / n,
             "searches": (image + text) / n,
             "turns": sum(r["turns"] for r in members) / n,
-            "tool_errors": sum(r["tool_errors"] for r in members),
+            "tool_errors": sum(r["tool_errors"] for r in everyone),
+            "tool_failed": len(everyone) - len(members),
         })
     return table
 
@@ -192,8 +199,12 @@ async def eval_dataset(model_path: str | Path, data_path: str | Path, out_dir: s
             await engine.close()
     seconds = time.perf_counter() - started
     table = aggregate(rows, actor_cfg.episode.max_image_searches, actor_cfg.episode.max_text_searches)
+    failed = sum(bool(r["tool_failed"]) for r in rows)
+    if failed:
+        log.warning("eval: %d of %d episodes were cut by a tool outage (tool_failed); the table's rates leave them "
+                    "out", failed, len(rows))
     summary = {"model": str(model_path), "data": str(data_path), "split": split, "mode": mode, "questions": len(rows),
-               "seconds": seconds, "table": table, "metrics": metrics.snapshot(),
+               "tool_failed": failed, "seconds": seconds, "table": table, "metrics": metrics.snapshot(),
                "settings": {"episode": asdict(actor_cfg.episode), "sampling": asdict(actor_cfg.sampling),
                             "reward": asdict(actor_cfg.reward)}}
     _write_outputs(out, rows, summary)

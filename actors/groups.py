@@ -1,7 +1,8 @@
 """The rollout actor's episode loop: one admitted group is G concurrent episodes of its question on the current
 engine, at most `max_concurrency` episodes in flight on the engine in all; on any failure the whole group is re-run
 (after restarting a crashed engine), up to `group_attempts` times, so a group is shipped whole or not at all. The
-finished episodes are scored (actors/reward.py), counted in metrics, and spooled as one TrajectoryGroup.
+finished episodes are scored (actors/reward.py), counted in metrics, and spooled as one TrajectoryGroup. Episodes
+a tool outage ended (tool_failed) travel in the group, flagged, and are counted apart (`tool_failed_episodes`).
 """
 from __future__ import annotations
 
@@ -116,8 +117,10 @@ class GroupPlayer:
             m.inc("image_searches", result.image_searches)
             m.inc("text_searches", result.text_searches)
             m.inc("tool_errors", result.tool_errors)
-            m.observe("reward", reward.total)
-            m.observe("accuracy", reward.accuracy)
+            m.inc("tool_failed_episodes", int(result.tool_failed))
+            if not result.tool_failed:  # an outage's reward says nothing about the policy (the learner drops it too)
+                m.observe("reward", reward.total)
+                m.observe("accuracy", reward.accuracy)
             m.observe("turns_per_episode", len(result.turns))
             m.observe("searches_per_episode", result.image_searches + result.text_searches)
             m.observe("episode_s", result.timings.get("episode_s", 0.0))

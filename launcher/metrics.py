@@ -20,8 +20,9 @@ stage = logging.getLogger(STAGES)
 PERCENTILES = ("p50", "p90", "p99")
 # Per-actor counters summed over actors (as actor_<name>); the supervisor carries a dead process's last values over to
 # its restarted successor, so the totals never go down (launcher.supervise.Supervisor.actor_metrics).
-ACTOR_COUNTERS = ("weight_updates", "weight_errors", "episodes", "tool_errors", "groups_played", "tokens_generated",
-                  "engine_restarts", "group_failures", "admissions_denied", "spool_resent", "spool_replayed")
+ACTOR_COUNTERS = ("weight_updates", "weight_errors", "episodes", "tool_errors", "tool_failed_episodes", "groups_played",
+                  "tokens_generated", "engine_restarts", "group_failures", "admissions_denied", "spool_resent",
+                  "spool_replayed")
 
 
 class MemorySampler:

@@ -131,15 +131,18 @@ class ScriptedEngine:
 
 
 class FakeTools:
-    """Tool clients for both tools: canned replies, a ToolCallError for tools listed in `fail`, no hits for tools
-    in `empty`, an error reply (ok=False) for tools in `error_reply`."""
+    """Tool clients for both tools: canned replies, a ToolCallError(`fail_code`) for tools listed in `fail`, no hits
+    for tools in `empty`, an error reply (ok=False, `reply_code`) for tools in `error_reply`."""
 
     def __init__(self, thumbnails: int = 2, fail: tuple[str, ...] = (), empty: tuple[str, ...] = (),
-                 error_reply: tuple[str, ...] = ()) -> None:
+                 error_reply: tuple[str, ...] = (), fail_code: str = "backend_error",
+                 reply_code: str = "timeout") -> None:
         self.thumbnails = thumbnails
         self.fail = fail
         self.empty = empty
         self.error_reply = error_reply
+        self.fail_code = fail_code
+        self.reply_code = reply_code
         self.calls: list[tuple[str, dict]] = []
 
     async def call(self, tool: str, args: dict, deadline_s: float | None = None) -> ToolReply:
@@ -147,11 +150,11 @@ class FakeTools:
 
         self.calls.append((tool, dict(args)))
         if tool in self.fail:
-            raise ToolCallError("backend_error", f"{tool} is down in this test")
+            raise ToolCallError(self.fail_code, f"{tool} fails in this test")
         if tool in self.empty:
             return ToolReply(id="x", ok=True, items=[])
         if tool in self.error_reply:
-            return ToolReply(id="x", ok=False, error=ToolError(code="timeout", message="deadline passed"))
+            return ToolReply(id="x", ok=False, error=ToolError(code=self.reply_code, message="refused in this test"))
         if tool == "image_search":
             items = [ToolItem(title=f"thing {i}", url=f"u{i}", image=encode_png(solid_image(COLOURS[i % 4])))
                      for i in range(self.thumbnails)]

@@ -162,8 +162,10 @@ def test_three_turn_episode_is_token_in_token_out(episode_tokenizer):
     assert back.reward == pytest.approx(0.91) and back.num_turns == 3 and back.finish_reason == "answer"
 
 
-@pytest.mark.parametrize("tools", [FakeTools(fail=("image_search",)), FakeTools(error_reply=("image_search",))])
-def test_tool_failure_shows_the_in_band_error_text(episode_tokenizer, tools):
+@pytest.mark.parametrize("tools", [FakeTools(fail=("image_search",), fail_code="bad_request"),
+                                   FakeTools(error_reply=("image_search",), reply_code="too_large")])
+def test_a_rejected_call_shows_the_in_band_error_text(episode_tokenizer, tools):
+    """The tool refused the model's call itself (bad_request, too_large): the model's error, shown in-band."""
     tok = episode_tokenizer
     turns = [_ids(tok, "<reason> a </reason><search><img></search>"),
              _ids(tok, "<reason> b </reason><answer> x </answer>")]
@@ -175,8 +177,30 @@ def test_tool_failure_shows_the_in_band_error_text(episode_tokenizer, tools):
     text = tok.decode(appended)
     assert prompts.SEARCH_ERROR in text and prompts.NO_RESULTS not in text
     assert len(engine.requests[1].images) == 1
-    assert metrics.counter("tool_errors_image_search") == 1
+    assert metrics.counter("tool_errors_image_search") == 1 and metrics.counter("tool_outages_image_search") == 0
     assert metrics.snapshot()["tool_latency_s_image_search_count"] == 1
+    assert not result.tool_failed and not result.to_trajectory(compute_reward(result.turns, "x", [])).tool_failed
+
+
+@pytest.mark.parametrize("tools", [FakeTools(fail=("image_search",), fail_code="backend_error"),
+                                   FakeTools(fail=("image_search",), fail_code="overloaded"),
+                                   FakeTools(error_reply=("image_search",), reply_code="timeout")])
+def test_an_outage_ends_the_episode_as_tool_failed(episode_tokenizer, tools):
+    """The tool's service failed (server error, overload, deadline): the episode ends at once, flagged, and the
+    flag travels in its Trajectory; the model never sees (nor answers after) the failure."""
+    tok = episode_tokenizer
+    turns = [_ids(tok, "<reason> a </reason><search><img></search>"),
+             _ids(tok, "<reason> b </reason><answer> x </answer>")]
+    metrics = Metrics()
+    engine, tools, result = _play(tok, turns, tools=tools, metrics=metrics)
+    assert result.tool_failed and result.finish_reason == "tool_failed"
+    assert len(engine.requests) == 1 and len(result.turns) == 1  # nothing generated after the outage
+    assert (result.tool_errors, result.image_searches) == (1, 1)
+    assert metrics.counter("tool_outages_image_search") == 1 and metrics.counter("finish_tool_failed") == 1
+    traj = result.to_trajectory(compute_reward(result.turns, "x", []))
+    assert traj.tool_failed and decode(encode(TrajectoryGroup(group_id="g", actor_id="a", prompt_id="q",
+                                                              trajectories=[traj])), TrajectoryGroup
+                                       ).trajectories[0].tool_failed
 
 
 def test_empty_hits_show_no_results(episode_tokenizer):
@@ -357,31 +381,43 @@ def test_bad_question_image_is_rejected(episode_tokenizer):
         asyncio.run(run_episode(ScriptedEngine([], tok.image_pad_id), tok, {}, q, EpisodeConfig(), SAMPLING, "r"))
 
 
-def test_missing_tool_client_counts_as_tool_error(episode_tokenizer):
+def test_a_missing_tool_client_is_an_outage_not_the_models_error(episode_tokenizer):
+    """No client for the tool the model called (a deployment without it): unknown_tool, infrastructure."""
     tok = episode_tokenizer
     turns = [_ids(tok, "<reason> a </reason><text_search> q </text_search>"), _ids(tok, "<answer> y </answer>")]
     engine = ScriptedEngine(turns, tok.image_pad_id)
     result = asyncio.run(run_episode(engine, tok, {}, _question(), EpisodeConfig(), SAMPLING, "r"))
-    assert result.tool_errors == 1 and result.finish_reason == "answer"
+    assert result.tool_errors == 1 and result.tool_failed and result.finish_reason == "tool_failed"
 
 
-def test_tool_server_down_or_slow_through_the_real_client(episode_tokenizer):
-    """A ToolClient whose server is not there, or answers after the deadline: the episode goes on with the
-    in-band error text, and the error is counted."""
-    import zmq
-    import zmq.asyncio
+class _BrokenBackend:
+    """A backend whose index is gone: every batch raises (the server answers backend_error)."""
 
-    from protocol import ToolReply, ToolRequest
-    from protocol.sockets import bind, configure
+    name = "text_search"
+
+    def validate(self, args) -> None:
+        pass
+
+    def search_batch(self, batch):
+        raise RuntimeError("index file vanished")
+
+    def close(self) -> None:
+        pass
+
+
+def _play_through_servers(tok, query: str, backend, limits=None, down: bool = False):
+    """One text-search episode whose call goes through a real ToolClient to a real ToolServer on 127.0.0.1 (or to a
+    port nobody listens on when `down`); returns the result, its metrics and the text shown after the call."""
     from tool_servers.client import ToolClient
+    from tool_servers.limits import ServerLimits
+    from tool_servers.server import ToolServer
 
-    tok = episode_tokenizer
-    turns = [_ids(tok, "<reason> a </reason><text_search> q </text_search>"),
+    turns = [_ids(tok, f"<reason> a </reason><text_search> {query} </text_search>"),
              _ids(tok, "<reason> b </reason><answer> x </answer>")]
-    cfg = EpisodeConfig(tool_deadline_s=0.3)
+    cfg = EpisodeConfig(tool_deadline_s=0.4)
 
     async def play(endpoint: str):
-        client = ToolClient([endpoint], default_deadline_s=0.3, retries=0)
+        client = ToolClient([endpoint], default_deadline_s=0.4, retries=1)
         metrics = Metrics()
         engine = ScriptedEngine([list(t) for t in turns], tok.image_pad_id)
         try:
@@ -389,30 +425,59 @@ def test_tool_server_down_or_slow_through_the_real_client(episode_tokenizer):
                                        metrics=metrics)
         finally:
             await client.close()
-        appended = engine.requests[1].prompt_token_ids[len(engine.requests[0].prompt_token_ids) + len(turns[0]):]
-        return result, metrics, tok.decode(appended)
+        shown = ""
+        if len(engine.requests) > 1:
+            shown = tok.decode(engine.requests[1].prompt_token_ids[len(engine.requests[0].prompt_token_ids)
+                                                                    + len(turns[0]):])
+        return result, metrics, shown
 
-    async def slow_server():
-        sock = configure(zmq.asyncio.Context.instance().socket(zmq.ROUTER))
-        endpoint = bind(sock, "tcp://127.0.0.1:*")
-
-        async def serve():
-            while True:
-                *route, frame = await sock.recv_multipart()
-                request = decode(frame, ToolRequest)
-                await asyncio.sleep(1.0)  # far past the 0.3 s deadline
-                await sock.send_multipart([*route, encode(ToolReply(id=request.id, ok=True))])
-
-        task = asyncio.create_task(serve())
+    async def serve_and_play():
+        if down:
+            return await play(f"tcp://127.0.0.1:{free_port()}")
+        server = ToolServer({"text_search": backend}, bind="tcp://127.0.0.1:*",
+                            limits=ServerLimits(**(limits or {})))
+        endpoint = await server.start()
+        serving = asyncio.create_task(server.serve_forever())
         try:
             return await play(endpoint)
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            sock.close(linger=0)
+            await server.stop(timeout_s=5.0)
+            await asyncio.gather(serving, return_exceptions=True)
 
-    down = f"tcp://127.0.0.1:{free_port()}"  # a port nobody listens on: the server is down
-    for result, metrics, shown in (asyncio.run(play(down)), asyncio.run(slow_server())):
-        assert result.finish_reason == "answer" and result.tool_errors == 1 and result.text_searches == 1
-        assert prompts.SEARCH_ERROR in shown and metrics.counter("tool_errors_text_search") == 1
-        assert 0.25 < result.timings["tool_s"] < 2.0  # waited for the deadline, not for ever
+    return asyncio.run(serve_and_play())
+
+
+@pytest.mark.parametrize("case", ["every replica down", "deadline exceeded", "server error"])
+def test_an_outage_through_real_tool_servers_is_tool_failed(episode_tokenizer, case):
+    """Infrastructure failures of a real ToolClient and ToolServer: nothing listens on the port (every replica
+    down), the backend is slower than the deadline (the server answers timeout), the backend raises (the server
+    answers backend_error). Each ends the episode as tool_failed after at most the deadline."""
+    from tool_servers.backends.simulated import SimulatedSearch
+
+    backend = {"every replica down": None, "deadline exceeded": SimulatedSearch("text_search", latency_ms=2000),
+               "server error": _BrokenBackend()}[case]
+    result, metrics, shown = _play_through_servers(episode_tokenizer, "star town", backend,
+                                                   down=case == "every replica down")
+    assert result.tool_failed and result.finish_reason == "tool_failed", result
+    assert result.tool_errors == 1 and result.text_searches == 1 and shown == ""
+    assert metrics.counter("tool_outages_text_search") == 1
+    assert result.timings["tool_s"] < 2.0  # waited at most for the deadline, not for ever
+
+
+@pytest.mark.parametrize("case", ["query too long", "query of no words"])
+def test_a_malformed_call_through_real_tool_servers_is_the_models_error(episode_tokenizer, tmp_path, case):
+    """The server refuses the model's query itself (too_large over its max_query_chars; bad_request for a query the
+    index finds no word in): the model reads the in-band error text and the episode goes on, not tool_failed."""
+    import json
+
+    from tool_servers.backends.local_text import LocalTextSearch
+
+    corpus = tmp_path / "pages.jsonl"
+    corpus.write_text(json.dumps({"id": "p0", "title": "Star town", "text": "Star town is blue.",
+                                  "url": "https://world.local/star"}) + "\n")
+    query, limits = {"query too long": ("star town " * 4, {"max_query_chars": 16}),
+                     "query of no words": ("!!! ???", None)}[case]
+    result, metrics, shown = _play_through_servers(episode_tokenizer, query, LocalTextSearch(corpus), limits)
+    assert not result.tool_failed and result.finish_reason == "answer", result
+    assert result.tool_errors == 1 and prompts.SEARCH_ERROR in shown
+    assert metrics.counter("tool_errors_text_search") == 1 and metrics.counter("tool_outages_text_search") == 0

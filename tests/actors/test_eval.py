@@ -94,6 +94,31 @@ def test_eval_rows_table_and_files(tmp_path, episode_tokenizer, monkeypatch):
     assert markdown.startswith("| group | n | accuracy") and "| label=search_free | 2 | 1.000 |" in markdown
 
 
+def test_an_outage_is_counted_apart_not_as_a_wrong_answer(tmp_path, episode_tokenizer, monkeypatch):
+    """text search is down (a timeout): q2's episode is tool_failed; the table counts it (`tool_failed`) and keeps
+    it out of accuracy and the other rates, while `n` still counts every question."""
+    import asyncio
+
+    monkeypatch.setattr("tool_servers.client.ToolClient",
+                        lambda *a, **k: FakeTools(fail=("text_search",), fail_code="timeout"))
+    data = _write(tmp_path / "q.parquet")
+    summary = asyncio.run(eval_dataset("unused", data, tmp_path / "out", {"image_search": ["x"],
+                                                                           "text_search": ["y"]},
+                                       engine=ScriptEngine(episode_tokenizer), tokenizer=episode_tokenizer))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [r["tool_failed"] for r in rows] == [False, False, True, False]
+    assert rows[2]["finish_reason"] == "tool_failed" and not rows[2]["correct"]
+    table = {row["group"]: row for row in summary["table"]}
+    everything = table["all"]
+    assert (everything["n"], everything["tool_failed"], everything["accuracy"]) == (4, 1, 1.0)
+    assert everything["searched"] == pytest.approx(2 / 3) and everything["tool_errors"] == 1
+    needed = table["label=search_required"]
+    assert (needed["n"], needed["tool_failed"], needed["accuracy"]) == (2, 1, 1.0)
+    assert table["kind=text_search"]["tool_failed"] == 1 and table["kind=text_search"]["accuracy"] == 0.0
+    assert summary["tool_failed"] == 1
+    assert "| label=search_required | 2 | 1.000 |" in (tmp_path / "out" / "summary.md").read_text()
+
+
 def test_aggregate_without_searches_allowed():
     rows = [{"kind": "", "search_label": "", "correct": True, "reward": 1.0, "format": 1.0, "image_searches": 0,
              "text_searches": 0, "searches": 0, "turns": 1, "tool_errors": 0}]
@@ -126,6 +151,7 @@ def test_command_line_runs_eval_end_to_end(tmp_path, tiny_model_dir, episode_tok
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     # text search is not allowed by the conf: q2's text search ends its episode; no tool servers were given
     assert rows[2]["finish_reason"] == "text_search_limit" and rows[1]["tool_errors"] == 1
+    assert rows[1]["tool_failed"] and "tool_failed" in out  # no client for image_search: an outage, not a miss
 
 
 def test_command_line_arguments():

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_actor_summary_counts_actors_and_keeps_the_slowest_tool_latency():
     snapshots = [
-        {"actor_policy_version": 3, "actor_episodes": 8, "actor_weight_updates": 2,
+        {"actor_policy_version": 3, "actor_episodes": 8, "actor_weight_updates": 2, "actor_tool_failed_episodes": 3,
          "actor_tool_client_image_search_latency_ms_p50": 10.0, "actor_tool_client_image_search_latency_ms_p99": 40.0,
          "actor_tool_client_image_search_latency_ms_count": 99.0},
         {"actor_policy_version": 2, "actor_episodes": 4, "actor_weight_update_s_p50": 0.3,
@@ -29,6 +29,7 @@ def test_actor_summary_counts_actors_and_keeps_the_slowest_tool_latency():
     ]
     view = summarize_actors(snapshots)
     assert view["actors_reporting"] == 2 and view["actor_episodes"] == 12 and view["actor_weight_updates"] == 2
+    assert view["actor_tool_failed_episodes"] == 3  # episodes a tool outage ended, over all actors
     assert (view["actor_policy_version_min"], view["actor_policy_version_max"]) == (2, 3)
     assert view["tool_client_image_search_latency_ms_p50"] == 25.0
     assert view["tool_client_image_search_latency_ms_p99"] == 40.0
