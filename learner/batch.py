@@ -1,6 +1,12 @@
 """From received TrajectoryGroups to training samples: validation on receipt, samples with GRPO advantages, group
 staleness, the wire form of a step's batch (rank 0 → all ranks) and per-step rollout statistics.
 
+Tool outages: an episode flagged `tool_failed` (a tool call failed for infrastructure reasons and ended it) is
+trained *without*, not replayed: its group's advantages are computed over the other episodes, it becomes no sample
+(zero loss weight, no tokens in the loss's denominator) and it stays out of the reward statistics. A group left
+with fewer than MIN_SCORED_EPISODES unflagged episodes has no contrast to learn from and is dropped, counted
+(`split_tool_failed`). A replay would only meet the same outage again, and wait for the tool to come back.
+
 Planning and collation of the samples into model inputs live in learner/packing.py.
 """
 from __future__ import annotations
@@ -15,8 +21,10 @@ from learner.admission import spans_versions, token_staleness
 from learner.advantages import grpo_advantages
 from learner.config import AlgoConfig
 from learner.packing import Sample
-from protocol import ProtocolError, TrajectoryGroup, decode, encode, from_ndarray
+from protocol import ProtocolError, Trajectory, TrajectoryGroup, decode, encode, from_ndarray
 from protocol.images import ImageError, image_size
+
+MIN_SCORED_EPISODES = 2  # a group with tool_failed episodes needs this many others to be trained
 
 
 class InvalidGroup(ValueError):
@@ -84,11 +92,28 @@ def validate_group(
                 raise InvalidGroup(f"{where} image {j}: {width}x{height} exceeds {max_image_pixels} pixels")
 
 
+def scored(group: TrajectoryGroup) -> list[Trajectory]:
+    """The group's episodes that count: all but those a tool outage ended (`tool_failed`)."""
+    return [traj for traj in group.trajectories if not traj.tool_failed]
+
+
+def split_tool_failed(groups: Sequence[TrajectoryGroup]
+                      ) -> tuple[list[TrajectoryGroup], list[TrajectoryGroup]]:
+    """(groups to train, groups to drop): a group with tool_failed episodes and fewer than MIN_SCORED_EPISODES
+    others is dropped; every other group is trained (its flagged episodes left out by `samples_from_groups`)."""
+    keep, drop = [], []
+    for group in groups:
+        usable = len(scored(group))
+        (drop if usable < len(group.trajectories) and usable < MIN_SCORED_EPISODES else keep).append(group)
+    return keep, drop
+
+
 def samples_from_groups(groups: Sequence[TrajectoryGroup], algo: AlgoConfig) -> list[Sample]:
-    """Flatten groups into samples (group order, then trajectory order) with GRPO advantages."""
+    """Flatten groups into samples (group order, then trajectory order) with GRPO advantages over each group's
+    scored episodes; tool_failed episodes become no sample at all."""
     rewards, group_index, samples = [], [], []
     for g, group in enumerate(groups):
-        for traj in group.trajectories:
+        for traj in scored(group):
             rewards.append(traj.reward)
             group_index.append(g)
             samples.append(
@@ -170,9 +195,14 @@ def batch_stats(groups: Sequence[TrajectoryGroup], version: int, max_staleness: 
     The token-lag histogram has one key per lag, `staleness_hist_K` = generated tokens sampled K versions behind,
     always for K = 0..max_staleness (stable columns) and for any larger lag present; `stale_tokens` counts the
     tokens beyond max_staleness (non-zero only when stale groups were trained, stale_policy=train).
-    Per search label L of the step's groups: `search_ratio_L` and `accuracy_L` (the launch plots read them)."""
+    Per search label L of the step's groups: `search_ratio_L` and `accuracy_L` (the launch plots read them).
+
+    `trajectories`, tokens, searches, tool errors and staleness count every episode of the groups; reward_mean,
+    accuracy, search ratios and zero_std_groups only the scored ones (an outage must not read as a worse policy);
+    `tool_failed_masked` counts the tool_failed episodes left out of the loss."""
     trajectories = [t for g in groups for t in g.trajectories]
-    n = max(len(trajectories), 1)
+    kept = [t for g in groups for t in scored(g)]
+    n = max(len(kept), 1)
     lags: list[np.ndarray] = []
     multi_version = 0
     tokens = 0
@@ -187,19 +217,20 @@ def batch_stats(groups: Sequence[TrajectoryGroup], version: int, max_staleness: 
         "groups": float(len(groups)),
         "trajectories": float(len(trajectories)),
         "tokens_generated": float(tokens),
-        "reward_mean": float(sum(t.reward for t in trajectories) / n),
-        "accuracy": float(sum(t.reward_parts.get("accuracy", 0.0) for t in trajectories) / n),
-        "search_ratio": float(sum(1 for t in trajectories if t.image_searches + t.text_searches > 0) / n),
+        "reward_mean": float(sum(t.reward for t in kept) / n),
+        "accuracy": float(sum(t.reward_parts.get("accuracy", 0.0) for t in kept) / n),
+        "search_ratio": float(sum(1 for t in kept if t.image_searches + t.text_searches > 0) / n),
         "image_searches": float(sum(t.image_searches for t in trajectories)),
         "text_searches": float(sum(t.text_searches for t in trajectories)),
         "tool_errors": float(sum(t.tool_errors for t in trajectories)),
         "staleness_mean": float(lag.mean()) if lag.size else 0.0,
         "staleness_max": float(lag.max()) if lag.size else 0.0,
         "multi_version_trajectories": float(multi_version),
-        "zero_std_groups": float(sum(1 for g in groups if len({t.reward for t in g.trajectories}) <= 1)),
+        "zero_std_groups": float(sum(1 for g in groups if len({t.reward for t in scored(g)}) <= 1)),
+        "tool_failed_masked": float(len(trajectories) - len(kept)),
     }
     for label in sorted({g.search_label for g in groups if g.search_label}):  # e.g. search_free / search_required
-        members = [t for g in groups if g.search_label == label for t in g.trajectories]
+        members = [t for g in groups if g.search_label == label for t in scored(g)]
         stats[f"search_ratio_{label}"] = float(
             sum(1 for t in members if t.image_searches + t.text_searches > 0) / max(len(members), 1))
         stats[f"accuracy_{label}"] = float(sum(t.reward_parts.get("accuracy", 0.0) for t in members)

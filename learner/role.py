@@ -1,10 +1,11 @@
 """The learner role: one `LearnerRank` per FSDP2 rank. Rank 0 also serves actors (admissions, groups) and weights.
 
-Loop per step:  rank 0 takes groups_per_step groups (stale ones handled by algo.stale_policy) → broadcasts them
-(msgpack bytes in a uint8 tensor) → every rank trains its share → optimiser step → version += 1 → weights gathered
-and published by rank 0 → metrics row → a checkpoint every learner.checkpoint_every steps. When run() ends (max_steps
-or stop()), a final checkpoint holds everything acked but not trained, and resuming (learner.resume_from) continues
-at the same version with those groups first.
+Loop per step:  rank 0 takes groups_per_step groups (stale ones handled by algo.stale_policy, those a tool outage
+left without contrast dropped) → broadcasts them (msgpack bytes in a uint8 tensor) → every rank trains its share
+(tool_failed episodes left out) → optimiser step → version += 1 → weights gathered and published by rank 0 → metrics
+row → a checkpoint every learner.checkpoint_every steps. When run() ends (max_steps or stop()), a final checkpoint
+holds everything acked but not trained, and resuming (learner.resume_from) continues at the same version with those
+groups first.
 A plain class: the launcher wraps it as a Ray actor with max_concurrency >= 2 so `drain_metrics`/`stop` can be
 called while `run` blocks. `publish_initial` and `run` are collectives: call them on every rank.
 """
@@ -24,12 +25,15 @@ import torch.distributed as dist
 
 from learner.admission import AdmissionController
 from learner.batch import (
+    MIN_SCORED_EPISODES,
     StaleGroupError,
     apply_stale_policy,
     batch_stats,
     pack_groups,
     samples_from_groups,
+    scored,
     split_stale,
+    split_tool_failed,
     unpack_groups,
     validate_group,
 )
@@ -51,7 +55,8 @@ _STOP, _GO, _STALE_ERROR = 0, 1, 2
 _COUNTERS = ("groups_received", "groups_duplicate", "groups_rejected", "groups_refused_closed", "bad_frames",
              "admissions_granted", "admissions_denied", "weights_served", "weights_bad_frames", "batches_skipped",
              "stale_groups", "stale_groups_dropped", "stale_groups_trained", "checkpoints_written",
-             "journal_replayed", "journal_errors", "admission_repeats")
+             "journal_replayed", "journal_errors", "admission_repeats", "tool_failed_episodes",
+             "tool_failed_groups_dropped")
 
 
 class LearnerRank:
@@ -218,6 +223,7 @@ class LearnerRank:
             with self._lock:
                 self._trained_ids.extend(g.group_id for g in groups)
             train["seq_tokens"] = float(sum(s.num_tokens for s in samples))
+            train["loss_trajectories"] = float(len(samples))  # = trajectories − tool_failed_masked
             self._record(groups, updated, train, waited, train_s, publish_s)
         if self.learner.checkpoint_every and self.version % self.learner.checkpoint_every == 0:
             self._checkpoint(final=False)
@@ -225,7 +231,8 @@ class LearnerRank:
 
     def _take_groups(self) -> Optional[list[TrajectoryGroup]]:
         """groups_per_step groups within max_staleness of the current version, stale ones handled by
-        algo.stale_policy (counted and logged, never silently); None once stop() was called."""
+        algo.stale_policy and those left with too few episodes by a tool outage dropped (counted and logged, never
+        silently); None once stop() was called."""
         assert self.service is not None
         chosen: list[TrajectoryGroup] = []
         need = self.algo.groups_per_step
@@ -250,6 +257,14 @@ class LearnerRank:
                 self.metrics.inc("stale_groups_trained", len(stale))
                 log.warning("training %d group(s) beyond max_staleness=%d at version %d: %s", len(stale),
                             self.algo.max_staleness, self.version, [g.group_id for g in stale])
+            self.metrics.inc("tool_failed_episodes", sum(len(g.trajectories) - len(scored(g)) for g in got))
+            keep, outage = split_tool_failed(keep)
+            if outage:
+                self.metrics.inc("tool_failed_groups_dropped", len(outage))
+                for _ in outage:
+                    self.admission.on_group_dropped()
+                log.warning("dropped %d group(s) whose episodes a tool outage cut short (fewer than %d left): %s",
+                            len(outage), MIN_SCORED_EPISODES, [g.group_id for g in outage])
             chosen += keep
             if len(chosen) == need:
                 return chosen

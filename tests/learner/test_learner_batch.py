@@ -14,6 +14,7 @@ from learner.batch import (
     pack_groups,
     samples_from_groups,
     split_stale,
+    split_tool_failed,
     unpack_groups,
     validate_group,
 )
@@ -73,6 +74,64 @@ def test_samples_carry_group_advantages(tiny_vlm) -> None:
     assert [round(s.advantage, 4) for s in samples] == [0.7071, -0.7071, 0.0, 0.0, 0.0]
     assert [s.group_id for s in samples] == ["a", "a", "b", "b", "b"]
     assert samples[0].input_ids.dtype == np.int64 and samples[0].loss_mask.dtype == bool
+
+
+def flag(group: TrajectoryGroup, *positions: int) -> TrajectoryGroup:
+    """The group with the trajectories at `positions` marked tool_failed."""
+    trajectories = [msgspec.structs.replace(t, tool_failed=True) if i in positions else t
+                    for i, t in enumerate(group.trajectories)]
+    return msgspec.structs.replace(group, trajectories=trajectories)
+
+
+def without(group: TrajectoryGroup, *positions: int) -> TrajectoryGroup:
+    return msgspec.structs.replace(group, trajectories=[t for i, t in enumerate(group.trajectories)
+                                                        if i not in positions])
+
+
+def test_a_tool_failed_episode_is_no_sample_and_leaves_the_others_advantages_as_without_it(tiny_vlm) -> None:
+    """Group a: rewards (1, 0, 0, 1, 1) with the last one cut by an outage; its advantages are those of (1, 0, 0, 1)
+    alone: mean 0.5, std sqrt(1/3) -> ±0.866. Whatever reward the flagged one carries changes nothing."""
+    ids = tiny_vlm[1]
+    a = flag(make_group("a", ids, rewards=(1.0, 0.0, 0.0, 1.0, 1.0)), 4)
+    b = make_group("b", ids, seed=1, rewards=(2.0, 0.0))
+    samples = samples_from_groups([a, b], AlgoConfig(eps=1e-6))
+    reference = samples_from_groups([without(a, 4), b], AlgoConfig(eps=1e-6))
+    assert [round(s.advantage, 4) for s in samples] == [0.866, -0.866, -0.866, 0.866, 0.7071, -0.7071]
+    assert [s.advantage for s in samples] == [s.advantage for s in reference]
+    for got, want in zip(samples, reference):
+        np.testing.assert_array_equal(got.input_ids, want.input_ids)
+        np.testing.assert_array_equal(got.loss_mask, want.loss_mask)
+    outlier = flag(make_group("a", ids, rewards=(1.0, 0.0, 0.0, 1.0, -50.0)), 4)
+    assert [s.advantage for s in samples_from_groups([outlier, b], AlgoConfig(eps=1e-6))] == \
+        [s.advantage for s in samples]
+
+
+def test_groups_an_outage_leaves_without_contrast_are_dropped(tiny_vlm) -> None:
+    ids = tiny_vlm[1]
+    groups = {
+        "all failed": flag(make_group("all", ids, rewards=(1.0, 0.0, 1.0)), 0, 1, 2),
+        "one left": flag(make_group("one", ids, rewards=(1.0, 0.0, 1.0)), 0, 1),
+        "two left": flag(make_group("two", ids, rewards=(1.0, 0.0, 1.0)), 0),
+        "none failed": make_group("none", ids, rewards=(1.0,)),  # G = 1 and no outage: not this rule's business
+    }
+    keep, drop = split_tool_failed(list(groups.values()))
+    assert [g.group_id for g in keep] == ["two", "none"] and [g.group_id for g in drop] == ["all", "one"]
+
+
+def test_batch_stats_leave_tool_failed_episodes_out_of_reward_and_count_them(tiny_vlm) -> None:
+    """Rewards (1, 0, 0, 1) and two outages with reward 0: reward_mean and accuracy stay those of the four."""
+    ids = tiny_vlm[1]
+    group = flag(make_group("g", ids, rewards=(1.0, 0.0, 0.0, 1.0, 0.0, 0.0)), 4, 5)
+    stats = batch_stats([group], version=0)
+    clean = batch_stats([without(group, 4, 5)], version=0)
+    assert stats["trajectories"] == 6 and stats["tool_failed_masked"] == 2 and clean["tool_failed_masked"] == 0
+    for key in ("reward_mean", "accuracy", "search_ratio", "zero_std_groups"):
+        assert stats[key] == clean[key], key
+    assert stats["reward_mean"] == 0.5 and stats["tokens_generated"] > clean["tokens_generated"]
+    labelled = msgspec.structs.replace(group, search_label="search_required")
+    assert batch_stats([labelled], version=0)["accuracy_search_required"] == 0.5
+    one_left = flag(make_group("z", ids, rewards=(1.0, 0.0, 0.0)), 1, 2)
+    assert batch_stats([one_left], version=0)["zero_std_groups"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ wire, stats

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 
+import msgspec
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +15,7 @@ from learner.batch import samples_from_groups
 from learner.checkpoint import CheckpointError, LearnerState, list_checkpoints, resolve_checkpoint
 from learner.config import AlgoConfig, LearnerConfig
 from learner.trainer import Trainer, lr_factor
-from learner_worlds import make_group
+from learner_worlds import make_group, make_trajectory
 from protocol.sockets import free_port
 
 
@@ -88,6 +90,40 @@ def test_lr_follows_the_schedule_and_packing_matches_padding(world, tiny_vlm) ->
     # orders moves an update by a fraction of lr = 1e-2, so compare parameters at 1% of one step.
     a, b = parameters(packed), parameters(padded)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+            for name, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_a_tool_failed_episode_contributes_exactly_zero_gradient(world, tiny_vlm) -> None:
+    """Two groups, then the same two with one more episode that a tool outage cut short (an extreme reward, tokens
+    of its own): the gradient, the loss and the step are bit for bit those of the groups without it. The same
+    episode unflagged does move them (the comparison can fail)."""
+    path, ids = tiny_vlm
+    clean = [make_group("g", ids, rewards=(1.0, 0.0, 0.0, 1.0)),
+             make_group("h", ids, seed=2, with_image=False, rewards=(0.0, 1.0, 0.5, 0.0))]
+    extra = make_trajectory(np.random.default_rng(9), ids, reward=7.0, gen_len=9)
+
+    def plus(trajectory) -> list:
+        return [msgspec.structs.replace(clean[0], trajectories=[*clean[0].trajectories, trajectory]), clean[1]]
+
+    runs = {}
+    for name, groups in {"clean": clean, "outage": plus(msgspec.structs.replace(extra, tool_failed=True)),
+                         "counted": plus(extra)}.items():
+        trainer = make_trainer(path, {"grad_clip": 1e6})
+        metrics = trainer.train_step(samples_from_groups(groups, AlgoConfig()))
+        runs[name] = (metrics, gradients(trainer), parameters(trainer))
+    (clean_m, clean_g, clean_p), (out_m, out_g, out_p) = runs["clean"], runs["outage"]
+    assert clean_g and clean_g.keys() == out_g.keys()
+    assert all(torch.equal(clean_g[k], out_g[k]) for k in clean_g)
+    assert all(torch.equal(clean_p[k], out_p[k]) for k in clean_p)
+    assert (out_m["loss"], out_m["loss_tokens"], out_m["grad_norm"]) == \
+        (clean_m["loss"], clean_m["loss_tokens"], clean_m["grad_norm"])
+    counted_m, counted_g, _ = runs["counted"]
+    assert counted_m["loss_tokens"] == clean_m["loss_tokens"] + 9
+    assert not all(torch.equal(clean_g[k], counted_g[k]) for k in clean_g)
 
 
 def test_reference_kl_starts_at_zero_and_grows_and_entropy_is_reported(world, tiny_vlm) -> None:
