@@ -333,6 +333,8 @@ class ToolServer:
             model = self.latency.get(request.tool)
             if model is not None:
                 pending.release_at = pending.received + model.draw()
+                if pending.release_at >= self._expiry(pending):  # its reply will be the deadline's `timeout`
+                    self.metrics.inc("latency_past_deadline")
             if self.cache is not None:
                 pending.cache_key = self.cache.key(request.tool, request.args)
                 items = self.cache.get_memory(pending.cache_key)
@@ -468,7 +470,8 @@ class ToolServer:
                error: ToolCallError | None = None, source: str = "live") -> None:
         """Answer now, or at the request's `release_at` when the latency model holds it back: a timer per reply, so
         held replies wait side by side. One that would land after the deadline is left to the deadline's
-        `timeout` (counted in latency_past_deadline and, like any late result, late_results_dropped)."""
+        `timeout` (its draw was counted in latency_past_deadline; its result, as any late one, in
+        late_results_dropped)."""
         model = self.latency.get(pending.request.tool)
         release = pending.release_at
         if pending.answered or model is None or release is None or (source != "live" and not model.cached):
@@ -481,7 +484,6 @@ class ToolServer:
             return
         expiry = self._expiry(pending)
         if release >= expiry:
-            self.metrics.inc("latency_past_deadline")
             self.metrics.inc("late_results_dropped")
             if error is None:
                 self._record(pending, items or [], source)  # paid for all the same, as any late result
