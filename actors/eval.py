@@ -5,8 +5,10 @@ write per-sample results and aggregate accuracy and search ratios per question k
     searched     = share of samples that made at least one search (the "search ratio" of the MMSearch-R1 paper)
 
 A sample a tool outage ended (`tool_failed`: deadline, every replica down, server error) is not the model's error:
-`tool_failed` counts them, and every other column but `n` is computed over the n − tool_failed samples the tools
-answered (so an outage shows as a count, not as lower accuracy).
+`tool_failed` counts them, and the outcome columns (accuracy, reward, format, SR, searches, turns) are computed
+over the n − tool_failed samples the tools answered, so an outage shows as a count, not as lower accuracy. `n`,
+`searched` and `tool_errors` count every sample (a tool_failed one did decide to search: that is where the outage
+met it).
 
 Outputs in `out_dir`: samples.jsonl and samples.parquet (one row per question), summary.json (the table and the
 settings) and summary.md (the table as markdown). Run it with `python -m actors eval ...` or call `run_eval`.
@@ -104,8 +106,9 @@ def sample_row(question: Question, result: EpisodeResult, cfg: ActorConfig) -> d
 
 
 def aggregate(rows: list[Mapping[str, Any]], max_image_searches: int, max_text_searches: int) -> list[dict]:
-    """Table rows: "all", then one per question kind ("kind=...") and per search label ("label=..."). `n` counts
-    every sample, `tool_failed` those a tool outage ended; the other columns are over the rest."""
+    """Table rows: "all", then one per question kind ("kind=...") and per search label ("label=..."). `n`,
+    `searched`, `tool_errors` count every sample, `tool_failed` those a tool outage ended; the other columns are
+    over the rest."""
     groups: dict[str, list[Mapping[str, Any]]] = {"all": list(rows)}
     for row in rows:
         groups.setdefault(f"kind={row['kind'] or '-'}", []).append(row)
@@ -128,7 +131,7 @@ def aggregate(rows: list[Mapping[str, Any]], max_image_searches: int, max_text_s
             "SR": (image + text) / (n * allowed) if allowed else 0.0,
             "SR_image": image / (n * max_image_searches) if max_image_searches else 0.0,
             "SR_text": text / (n * max_text_searches) if max_text_searches else 0.0,
-            "searched": sum(r["searches"] > 0 for r in members) / n,
+            "searched": sum(r["searches"] > 0 for r in everyone) / len(everyone),
             "searches": (image + text) / n,
             "turns": sum(r["turns"] for r in members) / n,
             "tool_errors": sum(r["tool_errors"] for r in everyone),

@@ -197,12 +197,13 @@ def batch_stats(groups: Sequence[TrajectoryGroup], version: int, max_staleness: 
     tokens beyond max_staleness (non-zero only when stale groups were trained, stale_policy=train).
     Per search label L of the step's groups: `search_ratio_L` and `accuracy_L` (the launch plots read them).
 
-    `trajectories`, tokens, searches, tool errors and staleness count every episode of the groups; reward_mean,
-    accuracy, search ratios and zero_std_groups only the scored ones (an outage must not read as a worse policy);
-    `tool_failed_masked` counts the tool_failed episodes left out of the loss."""
+    `trajectories`, tokens, searches, tool errors, staleness and the search ratios count every episode of the
+    groups (a tool_failed episode did decide to search: that is where the outage met it); reward_mean, accuracy and
+    zero_std_groups only the scored ones (an outage must not read as a worse policy); `tool_failed_masked` counts
+    the tool_failed episodes left out of the loss."""
     trajectories = [t for g in groups for t in g.trajectories]
     kept = [t for g in groups for t in scored(g)]
-    n = max(len(kept), 1)
+    n, n_all = max(len(kept), 1), max(len(trajectories), 1)
     lags: list[np.ndarray] = []
     multi_version = 0
     tokens = 0
@@ -219,7 +220,7 @@ def batch_stats(groups: Sequence[TrajectoryGroup], version: int, max_staleness: 
         "tokens_generated": float(tokens),
         "reward_mean": float(sum(t.reward for t in kept) / n),
         "accuracy": float(sum(t.reward_parts.get("accuracy", 0.0) for t in kept) / n),
-        "search_ratio": float(sum(1 for t in kept if t.image_searches + t.text_searches > 0) / n),
+        "search_ratio": float(sum(1 for t in trajectories if t.image_searches + t.text_searches > 0) / n_all),
         "image_searches": float(sum(t.image_searches for t in trajectories)),
         "text_searches": float(sum(t.text_searches for t in trajectories)),
         "tool_errors": float(sum(t.tool_errors for t in trajectories)),
@@ -230,9 +231,10 @@ def batch_stats(groups: Sequence[TrajectoryGroup], version: int, max_staleness: 
         "tool_failed_masked": float(len(trajectories) - len(kept)),
     }
     for label in sorted({g.search_label for g in groups if g.search_label}):  # e.g. search_free / search_required
+        everyone = [t for g in groups if g.search_label == label for t in g.trajectories]
         members = [t for g in groups if g.search_label == label for t in scored(g)]
         stats[f"search_ratio_{label}"] = float(
-            sum(1 for t in members if t.image_searches + t.text_searches > 0) / max(len(members), 1))
+            sum(1 for t in everyone if t.image_searches + t.text_searches > 0) / max(len(everyone), 1))
         stats[f"accuracy_{label}"] = float(sum(t.reward_parts.get("accuracy", 0.0) for t in members)
                                            / max(len(members), 1))
     counts = np.bincount(lag, minlength=max_staleness + 1) if lag.size else np.zeros(max_staleness + 1, np.int64)

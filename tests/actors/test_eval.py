@@ -96,7 +96,7 @@ def test_eval_rows_table_and_files(tmp_path, episode_tokenizer, monkeypatch):
 
 def test_an_outage_is_counted_apart_not_as_a_wrong_answer(tmp_path, episode_tokenizer, monkeypatch):
     """text search is down (a timeout): q2's episode is tool_failed; the table counts it (`tool_failed`) and keeps
-    it out of accuracy and the other rates, while `n` still counts every question."""
+    it out of accuracy and the other outcome rates, while `n` and `searched` still count every question."""
     import asyncio
 
     monkeypatch.setattr("tool_servers.client.ToolClient",
@@ -111,7 +111,8 @@ def test_an_outage_is_counted_apart_not_as_a_wrong_answer(tmp_path, episode_toke
     table = {row["group"]: row for row in summary["table"]}
     everything = table["all"]
     assert (everything["n"], everything["tool_failed"], everything["accuracy"]) == (4, 1, 1.0)
-    assert everything["searched"] == pytest.approx(2 / 3) and everything["tool_errors"] == 1
+    assert everything["searched"] == 0.75 and everything["tool_errors"] == 1  # q2 did decide to search
+    assert everything["searches"] == pytest.approx(2 / 3) and everything["turns"] == pytest.approx(5 / 3)
     needed = table["label=search_required"]
     assert (needed["n"], needed["tool_failed"], needed["accuracy"]) == (2, 1, 1.0)
     assert table["kind=text_search"]["tool_failed"] == 1 and table["kind=text_search"]["accuracy"] == 0.0

@@ -119,17 +119,21 @@ def test_groups_an_outage_leaves_without_contrast_are_dropped(tiny_vlm) -> None:
 
 
 def test_batch_stats_leave_tool_failed_episodes_out_of_reward_and_count_them(tiny_vlm) -> None:
-    """Rewards (1, 0, 0, 1) and two outages with reward 0: reward_mean and accuracy stay those of the four."""
+    """Rewards (1, 0, 1, 0, 0, 0), the odd ones searching, and the outage cut two of the searching ones (3 and 5):
+    reward_mean and accuracy stay those of the other four (0.5), while the search ratio counts every episode's
+    decision (3 of 6 searched; the four alone would read 1 of 4)."""
     ids = tiny_vlm[1]
-    group = flag(make_group("g", ids, rewards=(1.0, 0.0, 0.0, 1.0, 0.0, 0.0)), 4, 5)
+    group = flag(make_group("g", ids, rewards=(1.0, 0.0, 1.0, 0.0, 0.0, 0.0)), 3, 5)
     stats = batch_stats([group], version=0)
-    clean = batch_stats([without(group, 4, 5)], version=0)
+    clean = batch_stats([without(group, 3, 5)], version=0)
     assert stats["trajectories"] == 6 and stats["tool_failed_masked"] == 2 and clean["tool_failed_masked"] == 0
-    for key in ("reward_mean", "accuracy", "search_ratio", "zero_std_groups"):
+    for key in ("reward_mean", "accuracy", "zero_std_groups"):
         assert stats[key] == clean[key], key
-    assert stats["reward_mean"] == 0.5 and stats["tokens_generated"] > clean["tokens_generated"]
-    labelled = msgspec.structs.replace(group, search_label="search_required")
-    assert batch_stats([labelled], version=0)["accuracy_search_required"] == 0.5
+    assert stats["reward_mean"] == 0.5 and stats["accuracy"] == 0.5 and stats["tokens_generated"] > \
+        clean["tokens_generated"]
+    assert (stats["search_ratio"], clean["search_ratio"]) == (0.5, 0.25)
+    labelled = batch_stats([msgspec.structs.replace(group, search_label="search_required")], version=0)
+    assert (labelled["accuracy_search_required"], labelled["search_ratio_search_required"]) == (0.5, 0.5)
     one_left = flag(make_group("z", ids, rewards=(1.0, 0.0, 0.0)), 1, 2)
     assert batch_stats([one_left], version=0)["zero_std_groups"] == 1
 
