@@ -34,13 +34,13 @@ def corpus(lines: int = 600, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(lines)]
 
 
-def build_model(out_dir: Path, family: str = "qwen2_5_vl") -> Path:
-    """A random-init tiny model (models.tiny) with a tokenizer trained on WORDS, in the mmsearch_r1 prompt format
-    (the one scripted_episode writes)."""
+def build_model(out_dir: Path, family: str = "qwen2_5_vl", prompt: str = "compact") -> Path:
+    """A random-init tiny model (models.tiny) with a tokenizer trained on WORDS, in the prompt format `prompt`
+    (compact, the tiny model's default; teach_episode_format's scripted episodes are in mmsearch_r1)."""
     from models.tiny import TinyModelConfig, build_tiny_model
 
     return build_tiny_model(TinyModelConfig(family=family, vocab_size=400, tokenizer_min_frequency=2,
-                                            prompt="mmsearch_r1"),
+                                            prompt=prompt),
                             corpus(), out_dir)
 
 

@@ -19,7 +19,7 @@ def taught_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny Qwen2.5-VL after ~15 s of SFT on scripted image -> text -> answer episodes (emits the tags)."""
     from actors_helpers import build_model, teach_episode_format
 
-    model_dir = build_model(tmp_path_factory.mktemp("taught") / "model")
+    model_dir = build_model(tmp_path_factory.mktemp("taught") / "model", prompt="mmsearch_r1")
     teach_episode_format(model_dir, steps=300)
     return model_dir
 
