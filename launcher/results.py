@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -63,12 +64,15 @@ def spread(values: Sequence[float]) -> str:
     return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
 
-def markdown(reports: Mapping[str, list[dict[str, Any]]], commands: Mapping[str, str], machine: str) -> str:
+def markdown(reports: Mapping[str, list[dict[str, Any]]], commands: Mapping[str, str], machine: str,
+             notes: str = "") -> str:
     lines = ["# Results: search on demand on the embedded default", "",
              "Held-out questions of the synthetic world (test split: entities never seen in training), greedy. "
              "`start`/`end`: the policy at step 0 and at the last step; `always_search` (the RAG workflow) and "
              "`never_search`: the warm-started model, once. Each cell: mean ± half the range over the seeds.", "",
              f"Machine: {machine}", ""]
+    if notes.strip():
+        lines += [notes.strip(), ""]
     for variant, runs in reports.items():
         seeds = [r["seed"] for r in runs]
         lines += [f"## {variant} (seeds {', '.join(str(s) for s in seeds)})", ""]
@@ -93,28 +97,45 @@ KIND_ORDER = ("pixels", "image_search", "image_text_search", "text_search")
 
 
 def warm_start_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Per seed: the warm start's held-out accuracy per kind under its search workflow and the search-path check."""
-    lines = []
+    """The warm start's held-out accuracy per kind under its search workflow and the search-path check, one line
+    each for the seeds that share the same figures (the cached warm start is the same for every seed)."""
+    shown: dict[str, list[str]] = {}
     for r in runs:
         figures = r.get("warm_start") or {}
         workflow = figures.get("heldout_workflow") or {}
         kinds = [f"{k} {workflow[f'accuracy_{k}']:.2f}" for k in KIND_ORDER if f"accuracy_{k}" in workflow]
         if kinds:
-            lines.append(f"- seed {r['seed']}, warm start held-out (each kind's search workflow): {', '.join(kinds)}")
+            shown.setdefault(f"warm start held-out (each kind's search workflow): {', '.join(kinds)}", []).append(
+                str(r["seed"]))
         path = figures.get("search_path") or {}
         if path:
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in path.items() if k != "seconds" and isinstance(v, float))
-            lines.append(f"- seed {r['seed']}, search path (oracle through the real tool servers): {shown}")
+            text = ", ".join(f"{k} {v:.3f}" for k, v in path.items() if k != "seconds" and isinstance(v, float))
+            shown.setdefault(f"search path (oracle through the real tool servers): {text}", []).append(str(r["seed"]))
+    lines = [f"- seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}, {text}" for text, seeds in shown.items()]
     return lines + ([""] if lines else [])
 
 
-def write_results(reports: Mapping[str, list[dict[str, Any]]], out_dir: Path, commands: Mapping[str, str]) -> None:
-    machine = f"{platform.machine()}, {platform.system()}, Python {platform.python_version()}"
+def machine_text() -> str:
+    """This machine in a line: architecture, OS, Python, cores, memory."""
+    memory = ""
+    try:
+        kib = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal")).split()[1])
+        memory = f", {kib / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return (f"{platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
+            f"{os.cpu_count()} cores{memory}")
+
+
+def write_results(reports: Mapping[str, list[dict[str, Any]]], out_dir: Path, commands: Mapping[str, str],
+                  notes: str = "") -> None:
+    machine = machine_text()
     payload = {variant: runs for variant, runs in reports.items()}
     payload["_meta"] = {"machine": machine, "commands": dict(commands)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    (out_dir / "results.md").write_text(markdown(reports, commands, machine))
+    (out_dir / "results.md").write_text(markdown(reports, commands, machine, notes))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--command", action="append", default=[], metavar="VARIANT=COMMAND",
                         help="the command that made the runs of VARIANT (shown in results.md)")
     parser.add_argument("--out", default="docs", help="where results.json and results.md go")
+    parser.add_argument("--notes", default=None, metavar="FILE",
+                        help="a markdown file of written observations, shown after the header (the figures stay "
+                             "generated)")
     args = parser.parse_args(argv)
     runs = []
     for item in args.run:
@@ -137,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    write_results(reports, Path(args.out), commands)
+    notes = Path(args.notes).read_text() if args.notes else ""
+    write_results(reports, Path(args.out), commands, notes)
     print(f"wrote {Path(args.out) / 'results.json'} and results.md ({sum(len(v) for v in reports.values())} runs)")
     return 0
 

@@ -23,4 +23,6 @@ for variant in default no_penalty no_search_free; do
   done
   args+=(--command "$variant=python launch.py ${preset[$variant]} run.seed=SEED run.out_dir=$out/$variant-sSEED")
 done
-.venv/bin/python -m launcher.results "${args[@]}" --out docs
+notes=()
+[ -f docs/results_notes.md ] && notes=(--notes docs/results_notes.md)  # the written observations, kept by hand
+.venv/bin/python -m launcher.results "${args[@]}" "${notes[@]}" --out docs

@@ -30,15 +30,18 @@ def test_collect_writes_json_and_markdown(tmp_path):
             {"search_path": {"image_top1": 0.975, "seconds": 2.0}}) + "\n" + json.dumps(
             {"heldout_workflow": {"accuracy_pixels": 1.0, "accuracy_text_search": 0.875, "n": 16.0}}) + "\n")
         runs += ["--run", f"default={folder}"]
-    assert main([*runs, "--command", "default=python launch.py run.seed=SEED", "--out", str(tmp_path / "docs")]) == 0
+    (tmp_path / "notes.md").write_text("## What we saw\n\nwritten by hand\n")
+    assert main([*runs, "--command", "default=python launch.py run.seed=SEED", "--out", str(tmp_path / "docs"),
+                 "--notes", str(tmp_path / "notes.md")]) == 0
     data = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert [r["seed"] for r in data["default"]] == [0, 1] and data["_meta"]["commands"]["default"]
     text = (tmp_path / "docs" / "results.md").read_text()
+    assert text.index("## What we saw") < text.index("## default")
     assert "| end | 0.920 ± 0.020 |" in text and "python launch.py run.seed=SEED" in text
     assert "- accuracy > start: met, missed" in text
     assert data["default"][1]["warm_start"]["heldout_workflow"]["accuracy_text_search"] == 0.875
-    assert "- seed 1, warm start held-out (each kind's search workflow): pixels 1.00, text_search 0.88" in text
-    assert "- seed 0, search path (oracle through the real tool servers): image_top1 0.975" in text
+    assert "- seeds 0, 1, warm start held-out (each kind's search workflow): pixels 1.00, text_search 0.88" in text
+    assert "- seeds 0, 1, search path (oracle through the real tool servers): image_top1 0.975" in text
     assert main(["--run", f"default={tmp_path / 'nowhere'}", "--out", str(tmp_path / "x")]) == 1
     with pytest.raises(SystemExit):
         main(["--run", f"bogus={tmp_path}"])
