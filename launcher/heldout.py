@@ -50,10 +50,11 @@ class ReportConfig:
 
 
 def per_kind(samples: list[Mapping[str, Any]]) -> dict[str, float]:
-    """accuracy_<kind> of the kinds present (the warm start's figures are per question kind)."""
+    """accuracy_<kind> of the kinds present (the warm start's figures are per question kind); samples a tool outage
+    cut are left out, as in `summarize`."""
     out = {}
     for kind in KINDS:
-        members = [s for s in samples if s.get("kind") == kind]
+        members = [s for s in samples if s.get("kind") == kind and not s.get("tool_failed")]
         if members:
             out[f"accuracy_{kind}"] = sum(bool(s["correct"]) for s in members) / len(members)
     return out
@@ -65,7 +66,9 @@ def describe(summary: Mapping[str, float]) -> str:
         return f"{summary[key]:.2f}" if key in summary else "-"
 
     return (f"acc {get('accuracy')} (free {get('accuracy_search_free')}, required {get('accuracy_search_required')})"
-            f"  SR free {get('search_ratio_search_free')}, required {get('search_ratio_search_required')}")
+            f"  SR free {get('search_ratio_search_free')}, required {get('search_ratio_search_required')}"
+            + (f"  ({int(summary['tool_failed'])} cut by a tool outage, left out of accuracy)"
+               if summary.get("tool_failed") else ""))
 
 
 class HeldoutTracker:

@@ -47,7 +47,9 @@ class EvalPass:
 
 def summarize(samples: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """Accuracy and search ratio, overall and per search label, of eval samples (each with `correct`, `searches`
-    and `search_label`); `n` and `n_<label>` count them. A label with no sample is left out."""
+    and `search_label`); `n` and `n_<label>` count them. A label with no sample is left out. Samples a tool outage
+    cut (`tool_failed`, actors/eval.py) are counted (`tool_failed`, `tool_failed_<label>`) and left out of the
+    accuracy, which is the model's; the search ratio keeps them (searching was the policy's decision)."""
     rows = list(samples)
     if not rows:
         raise ValueError("no eval samples to summarise")
@@ -58,7 +60,11 @@ def summarize(samples: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         if not members:
             continue
         out[f"n{suffix}"] = float(len(members))
-        out[f"accuracy{suffix}"] = sum(bool(r["correct"]) for r in members) / len(members)
+        answered = [r for r in members if not r.get("tool_failed")]
+        if len(answered) < len(members):
+            out[f"tool_failed{suffix}"] = float(len(members) - len(answered))
+        if answered:
+            out[f"accuracy{suffix}"] = sum(bool(r["correct"]) for r in answered) / len(answered)
         out[f"search_ratio{suffix}"] = sum(int(r["searches"]) > 0 for r in members) / len(members)
     return out
 
@@ -100,8 +106,8 @@ def check_targets(start: Mapping[str, float], end: Mapping[str, float], always: 
         f"accuracy_search_required >= {REQUIRED_ACCURACY_SHARE:g} x always_search":
             end.get("accuracy_search_required", nan)
             >= REQUIRED_ACCURACY_SHARE * always.get("accuracy_search_required", nan),
-        "accuracy > never_search": end["accuracy"] > never["accuracy"],
-        "accuracy > start": end["accuracy"] > start["accuracy"],
+        "accuracy > never_search": end.get("accuracy", nan) > never.get("accuracy", nan),
+        "accuracy > start": end.get("accuracy", nan) > start.get("accuracy", nan),
     }
 
 

@@ -30,6 +30,18 @@ def test_summarize_counts_accuracy_and_search_ratio_per_label():
         summarize([])
 
 
+def test_summarize_leaves_tool_outages_out_of_accuracy_but_not_out_of_the_search_ratio():
+    rows = samples(free=[(True, 0), (False, 0)], required=[(True, 1), (False, 1), (False, 1)])
+    rows[3]["tool_failed"] = rows[4]["tool_failed"] = True  # two required episodes cut by an outage
+    out = summarize(rows)
+    assert out["n"] == 5 and out["tool_failed"] == 2 and out["tool_failed_search_required"] == 2
+    assert "tool_failed_search_free" not in out
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["accuracy_search_required"] == 1.0
+    assert out["search_ratio"] == pytest.approx(3 / 5) and out["search_ratio_search_required"] == 1.0
+    rows[2]["tool_failed"] = True  # every required episode cut: no accuracy to report for that label
+    assert "accuracy_search_required" not in summarize(rows)
+
+
 def passes(end_free: list[tuple[bool, int]], end_required: list[tuple[bool, int]]) -> list[EvalPass]:
     start = summarize(samples(free=[(True, 1), (True, 0)], required=[(True, 1), (False, 1)]))  # acc .75, SR .75
     always = summarize(samples(free=[(True, 2), (False, 2)], required=[(True, 2), (True, 2)]))  # req acc 1.0
