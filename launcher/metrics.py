@@ -86,15 +86,24 @@ def summarize_actors(snapshots: list[Mapping[str, float]],
     return view
 
 
+SUMMED_TOOL_COUNTERS = ("snapshot_hits", "snapshot_misses", "snapshot_records", "snapshot_record_dropped",
+                        "latency_injected_s", "latency_injected_count", "latency_past_deadline")
+
+
 def summarize_tools(stats: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, float]:
     """Tool servers' side: per tool, replicas answering, requests, errors and server-side latency percentiles
-    (the worst replica's, over each replica's recent window)."""
+    (the worst replica's, over each replica's recent window), and the counters summed over replicas of search
+    snapshots (tool_servers.record / replay) and the latency model (`SUMMED_TOOL_COUNTERS`), when a replica has
+    them."""
     view: dict[str, float] = {}
     for tool, snapshot in stats:
         view[f"tool_{tool}_replicas"] = view.get(f"tool_{tool}_replicas", 0.0) + 1
         view[f"tool_{tool}_requests"] = view.get(f"tool_{tool}_requests", 0.0) + snapshot.get("requests", 0.0)
         errors = sum(v for k, v in snapshot.items() if k.startswith("error_"))
         view[f"tool_{tool}_errors"] = view.get(f"tool_{tool}_errors", 0.0) + errors
+        for name in SUMMED_TOOL_COUNTERS:
+            if name in snapshot:
+                view[f"tool_{tool}_{name}"] = view.get(f"tool_{tool}_{name}", 0.0) + float(snapshot[name])
         for p in PERCENTILES:
             if f"latency_ms_{p}" in snapshot:
                 key = f"tool_{tool}_latency_ms_{p}"

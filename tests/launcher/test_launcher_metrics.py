@@ -48,6 +48,20 @@ def test_tool_summary_adds_replicas_requests_errors_and_takes_the_worst_percenti
     assert view["tool_text_search_replicas"] == 1 and "tool_text_search_latency_ms_p50" not in view
 
 
+def test_tool_summary_sums_snapshot_and_latency_model_counters_over_replicas():
+    stats = [("text_search", {"requests": 4, "snapshot_hits": 3, "snapshot_misses": 1, "latency_injected_s": 1.5,
+                              "latency_injected_count": 4}),
+             ("text_search", {"requests": 2, "snapshot_hits": 2, "latency_injected_s": 0.5, "latency_injected_count": 2,
+                              "latency_past_deadline": 1}),
+             ("image_search", {"requests": 1})]
+    view = summarize_tools(stats)
+    assert view["tool_text_search_snapshot_hits"] == 5 and view["tool_text_search_snapshot_misses"] == 1
+    assert view["tool_text_search_latency_injected_s"] == 2.0 and view["tool_text_search_latency_injected_count"] == 6
+    assert view["tool_text_search_latency_past_deadline"] == 1
+    assert not any(k.startswith("tool_image_search_snapshot") or "latency_injected" in k and "image" in k
+                   for k in view)
+
+
 def test_throughput_uses_the_learner_cycle_else_the_wall_interval():
     row = with_throughput({"tokens_generated": 300, "groups": 2, "learner_idle_s": 1.0, "step_time_s": 1.5,
                            "publish_s": 0.5}, previous_wall_s=0.0, wall_s=100.0)
