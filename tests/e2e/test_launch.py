@@ -75,6 +75,9 @@ class LaunchWatch:
             [sys.executable, str(ROOT / "launch.py"), f"run.out_dir={out}", "run.timeout_s=900", SMOKE, *overrides],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            # A shell without job control starts background jobs with SIGINT ignored, and the child would inherit
+            # that: the Ctrl-C tests need launch.py to take SIGINT as a terminal's Ctrl-C, wherever pytest runs.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         os.set_blocking(self.proc.stdout.fileno(), False)
         self.also = also
