@@ -28,19 +28,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from launcher.run_folder import rl_rows  # noqa: E402  (the learner's RL rows of a metrics.jsonl)
+
 TARGET = 2.8  # issue 13: async/sync >= 2.8x at η <= 2
 FINAL_REWARD_STEPS = 5  # "final reward" = the mean reward of the last this many steps
 
 
 # ------------------------------------------------------------------------------------------ the arithmetic (pure)
-
-def training_rows(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The learner's step rows of a metrics.jsonl (held-out eval rows carry only `step` and eval/ keys)."""
-    return [row for row in rows if "trajectories" in row]
-
 
 def overlap_bound(rollout_s: float, train_s: float, publish_s: float) -> float:
     """How much faster a step can get when rollout and training overlap perfectly and publishing does not:
@@ -54,7 +53,7 @@ def run_figures(rows: Sequence[Mapping[str, Any]], warmup: int) -> dict[str, flo
 
     Times per step are means of the learner's own timings; rates divide by the sum of its step cycles
     (learner_idle_s + step_time_s + publish_s), which leaves out start-up and everything between runs' steps."""
-    train_rows = training_rows(rows)
+    train_rows = rl_rows(rows)
     measured = train_rows[warmup:]
     if not measured:
         raise ValueError(f"no training step after the first {warmup} (of {len(train_rows)}): nothing to measure")
@@ -137,7 +136,7 @@ def run_once(name: str, overrides: list[str], out_dir: Path, args: argparse.Name
     """One launch.py run (reused when --reuse and its folder already holds every step); its metrics rows."""
     metrics = out_dir / "metrics.jsonl"
     if out_dir.exists():
-        if args.reuse and len(training_rows(read_rows(metrics))) >= args.steps:
+        if args.reuse and len(rl_rows(read_rows(metrics))) >= args.steps:
             print(f"[{name}] reusing {out_dir}", flush=True)
             return read_rows(metrics)
         raise SystemExit(f"{out_dir} exists (pass --reuse to reuse finished runs, or another --out)")
@@ -161,7 +160,7 @@ def run_once(name: str, overrides: list[str], out_dir: Path, args: argparse.Name
             process.wait(timeout=120)
             raise
     rows = read_rows(metrics)
-    steps = len(training_rows(rows))
+    steps = len(rl_rows(rows))
     print(f"[{name}] exit {code} after {time.monotonic() - started:.0f}s, {steps} step(s)", flush=True)
     if code != 0 or steps < args.steps:
         raise SystemExit(f"[{name}] failed (exit {code}, {steps}/{args.steps} steps): see {out_dir}/logs and "

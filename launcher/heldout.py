@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from launcher.logs import STAGES
-from launcher.report import ALWAYS, NEVER, POLICY, EvalPass, Report, build_report, format_report, summarize, \
-    write_report
+from launcher.report import (ALWAYS, NEVER, POLICY, EvalPass, Report, answered_accuracy, build_report, format_report,
+                             summarize, write_report)
 
 log = logging.getLogger(__name__)
 stage = logging.getLogger(STAGES)
@@ -54,9 +54,9 @@ def per_kind(samples: list[Mapping[str, Any]]) -> dict[str, float]:
     cut are left out, as in `summarize`."""
     out = {}
     for kind in KINDS:
-        members = [s for s in samples if s.get("kind") == kind and not s.get("tool_failed")]
-        if members:
-            out[f"accuracy_{kind}"] = sum(bool(s["correct"]) for s in members) / len(members)
+        accuracy = answered_accuracy(s for s in samples if s.get("kind") == kind)
+        if accuracy is not None:
+            out[f"accuracy_{kind}"] = accuracy
     return out
 
 

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ class EvalPass:
         return {f"eval/{self.mode}/{key}": float(value) for key, value in self.summary.items()}
 
 
+def answered_accuracy(samples: Iterable[Mapping[str, Any]]) -> Optional[float]:
+    """The share of `correct` among the samples no tool outage cut (`tool_failed`: not the model's error); None when
+    every one was cut."""
+    answered = [bool(s["correct"]) for s in samples if not s.get("tool_failed")]
+    return sum(answered) / len(answered) if answered else None
+
+
 def summarize(samples: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """Accuracy and search ratio, overall and per search label, of eval samples (each with `correct`, `searches`
     and `search_label`); `n` and `n_<label>` count them. A label with no sample is left out. Samples a tool outage
@@ -60,11 +67,12 @@ def summarize(samples: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         if not members:
             continue
         out[f"n{suffix}"] = float(len(members))
-        answered = [r for r in members if not r.get("tool_failed")]
-        if len(answered) < len(members):
-            out[f"tool_failed{suffix}"] = float(len(members) - len(answered))
-        if answered:
-            out[f"accuracy{suffix}"] = sum(bool(r["correct"]) for r in answered) / len(answered)
+        failed = sum(bool(r.get("tool_failed")) for r in members)
+        if failed:
+            out[f"tool_failed{suffix}"] = float(failed)
+        accuracy = answered_accuracy(members)
+        if accuracy is not None:
+            out[f"accuracy{suffix}"] = accuracy
         out[f"search_ratio{suffix}"] = sum(int(r["searches"]) > 0 for r in members) / len(members)
     return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -68,6 +68,12 @@ def write_summary(run_dir: Path, peak_mem_gib: float) -> None:
     (run_dir / "summary.json").write_text(json.dumps({"peak_mem_gib": round(peak_mem_gib, 3)}, indent=2) + "\n")
 
 
+def rl_rows(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The learner's RL step rows of a metrics.jsonl: the ones with `trajectories` (held-out eval rows carry only
+    `step` and eval/ keys; the warm start's SFT rows have no trajectories)."""
+    return [row for row in rows if "trajectories" in row]
+
+
 def training_summary(run_dir: Path, shown: str | Path, seconds: float) -> str:
     """The console's end-of-run summary of a training run: steps, the last row's reward, accuracy and search ratio,
     and where the outputs are (`shown`: the run folder as the user named it)."""
@@ -76,7 +82,7 @@ def training_summary(run_dir: Path, shown: str | Path, seconds: float) -> str:
     if not lines:
         return f"no learner step finished in {seconds:.0f}s -> {shown} (logs in {Path(shown) / LOG_DIR})"
     rows = [json.loads(line) for line in lines]
-    training = [r for r in rows if "trajectories" in r]  # held-out eval rows carry only eval/ keys
+    training = rl_rows(rows)
     if not training:
         return f"no learner step finished in {seconds:.0f}s -> {shown} (logs in {Path(shown) / LOG_DIR})"
     last = training[-1]

@@ -33,6 +33,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # LaunchWatch lives beside the e2e tests
 from test_launch import NO_REPORT, QUICK_STOP, LaunchWatch  # noqa: E402
 
+from launcher.run_folder import rl_rows  # noqa: E402
+
 STEPS = 20
 GROUP_SIZE = 8
 TOOL = "image_search"
@@ -42,7 +44,7 @@ MAX_OUTAGE_S = 120.0
 
 def _training_rows(run: LaunchWatch) -> list[dict]:
     """RL rows (the warm start's SFT rows, when this launch trained it, carry no `trajectories`)."""
-    return [r for r in run.rows() if "trajectories" in r]
+    return rl_rows(run.rows())
 
 
 def _replicas(run: LaunchWatch, tool: str) -> list[dict]:
