@@ -9,7 +9,8 @@ processes, the FSDP2 learner), with the tool servers' latency model on (tool_ser
 delay per reply, median 1.0 s for image search and 0.5 s for text search, σ = --sigma, many requests waiting at
 once), each into its own folder under --out. The figures come from each run's metrics.jsonl, over the learner steps
 after the first --warmup (start-up lands in the first steps' waits). Per run: trajectories/s and tokens/s (over the
-learner's own step cycles: waiting for groups + training + publishing), learner idle fraction, staleness mean
+learner's own step cycles: waiting for groups + training + publishing), learner idle fraction (and its split by cause:
+the admission rule's bound, the actors' own limit, no rollouts at all; learner/admission.py), staleness mean
 (token-weighted) and max, seconds per step split into rollout wait (`learner_idle_s`), train (`step_time_s`) and
 publish (`publish_s`), final reward (mean over the last 5 steps) and held-out accuracy (the last
 `eval/policy/accuracy`, with --heldout). Per (seed, actors) and η: the async/sync ratio of trajectories/s, the
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launcher.run_folder import rl_rows  # noqa: E402  (the learner's RL rows of a metrics.jsonl)
+from learner.admission import IDLE_CAUSES  # noqa: E402  (why the learner waited: staleness_bound, actor_limit, no_rollouts)
 
 TARGET = 2.8  # issue 13: async/sync >= 2.8x at η <= 2
 FINAL_REWARD_STEPS = 5  # "final reward" = the mean reward of the last this many steps
@@ -70,6 +72,8 @@ def run_figures(rows: Sequence[Mapping[str, Any]], warmup: int) -> dict[str, flo
         "trajectories_per_s": total("trajectories") / cycle if cycle > 0 else 0.0,
         "tokens_per_s": tokens / cycle if cycle > 0 else 0.0,
         "learner_idle_frac": rollout / cycle if cycle > 0 else 0.0,
+        **{f"idle_{cause}_frac": total(f"learner_idle_{cause}_s") / cycle if cycle > 0 else 0.0
+           for cause in IDLE_CAUSES},
         "staleness_mean": (sum(float(r.get("staleness_mean", 0.0)) * float(r.get("tokens_generated", 0.0))
                                for r in measured) / tokens) if tokens > 0 else 0.0,
         "staleness_max": max(float(r.get("staleness_max", 0.0)) for r in measured),
@@ -170,10 +174,16 @@ def run_once(name: str, overrides: list[str], out_dir: Path, args: argparse.Name
 
 # ------------------------------------------------------------------------------------------ printing
 
+def idle_split(f: Mapping[str, float]) -> str:
+    """The idle fraction by cause (learner/admission.py IDLE_CAUSES), e.g. `bound 3.1% actors 20.4% none 0.2%`."""
+    short = {"staleness_bound": "bound", "actor_limit": "actors", "no_rollouts": "none"}
+    return " ".join(f"{short[c]} {100 * f.get(f'idle_{c}_frac', 0.0):.1f}%" for c in IDLE_CAUSES)
+
+
 def format_run(mode: str, eta: Optional[int], f: Mapping[str, float]) -> str:
     heldout = f"{f['heldout_accuracy']:.3f}" if "heldout_accuracy" in f else "-"
     return (f"  {mode:<5} η={'-' if eta is None else eta:<2} {f['trajectories_per_s']:7.2f} traj/s "
-            f"{f['tokens_per_s']:8.1f} tok/s  idle {100 * f['learner_idle_frac']:5.1f}%  "
+            f"{f['tokens_per_s']:8.1f} tok/s  idle {100 * f['learner_idle_frac']:5.1f}% ({idle_split(f)})  "
             f"staleness {f['staleness_mean']:.2f}/{f['staleness_max']:.0f}  per step: rollout wait "
             f"{f['rollout_wait_s']:.2f}s train {f['train_s']:.2f}s publish {f['publish_s']:.2f}s  "
             f"reward {f['final_reward']:.3f}  held-out {heldout}")

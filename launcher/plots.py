@@ -114,7 +114,9 @@ def plot_tool_latency(ax: Any, rows: Sequence[Row]) -> int:
 def plot_learner_idle(ax: Any, rows: Sequence[Row]) -> int:
     ax.set_ylabel("learner idle fraction (waiting for groups)")
     ax.set_ylim(0, 1)
-    return _lines(ax, rows, ["learner_idle_frac"], ["idle"])
+    causes = [k for k in keys_like(rows, "learner_idle_", "_frac") if k != "learner_idle_frac"]
+    return _lines(ax, rows, ["learner_idle_frac"] + causes,
+                  ["idle"] + [k[len("learner_idle_"):-len("_frac")].replace("_", " ") for k in causes])
 
 
 FIGURES: dict[str, tuple[str, Sequence[Callable[[Any, Sequence[Row]], int]]]] = {

@@ -86,6 +86,41 @@ class AdmissionController:
             self.running = 0
 
 
+# Why the learner waits for groups (issue 13 item 2). Each slice of rank 0's wait is put down to the admission state
+# at its start, so the causes add up to `learner_idle_s`:
+#   staleness_bound: no new group may start (accepted + running >= (η + v + 1)·B): every group the rule admits is in
+#                    flight, and only a larger η (or faster episodes) would give the learner more to train;
+#   actor_limit:     the rule has room and groups are in flight, but the actors start no more: they are at their own
+#                    limit (actors.max_groups_in_flight, engine concurrency) — more actors or more in flight help;
+#   no_rollouts:     nothing in flight and room to start: no actor is asking (start-up, eval passes, weight loads,
+#                    a dead or restarting actor).
+IDLE_CAUSES = ("staleness_bound", "actor_limit", "no_rollouts")
+
+
+def idle_cause(capacity: int, running: int) -> str:
+    """The cause (one of IDLE_CAUSES) of a wait that starts with this admission state (`capacity` from
+    AdmissionController.capacity at the current version, `running` its granted-not-received groups)."""
+    if capacity <= 0:
+        return "staleness_bound"
+    return "actor_limit" if running > 0 else "no_rollouts"
+
+
+class IdleClock:
+    """Seconds of waiting per cause (IDLE_CAUSES), for one learner step; not thread-safe (rank 0's step loop)."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(IDLE_CAUSES, 0.0)
+
+    def add(self, cause: str, seconds: float) -> None:
+        if cause not in self.seconds:
+            raise ValueError(f"unknown idle cause {cause!r}; known: {IDLE_CAUSES}")
+        self.seconds[cause] += max(0.0, seconds)
+
+    def row(self) -> dict[str, float]:
+        """`learner_idle_<cause>_s` for every cause."""
+        return {f"learner_idle_{cause}_s": value for cause, value in self.seconds.items()}
+
+
 def token_staleness(current_version: int, versions: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Lag `current_version − version` of every generated token (mask == 1), in token order.
 

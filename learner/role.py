@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from learner.admission import AdmissionController
+from learner.admission import AdmissionController, IdleClock, idle_cause
 from learner.batch import (
     MIN_SCORED_EPISODES,
     StaleGroupError,
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # Header codes of the per-step broadcast from rank 0.
 _STOP, _GO, _STALE_ERROR = 0, 1, 2
+IDLE_POLL_S = 0.05  # rank 0 waits for groups in slices this long, each put down to the admission state at its start
+
 _COUNTERS = ("groups_received", "groups_duplicate", "groups_rejected", "groups_refused_closed", "bad_frames",
              "admissions_granted", "admissions_denied", "weights_served", "weights_bad_frames", "batches_skipped",
              "stale_groups", "stale_groups_dropped", "stale_groups_trained", "checkpoints_written",
@@ -83,6 +85,7 @@ class LearnerRank:
         self._trained_ids: deque[str] = deque(maxlen=100_000)
         self._lock = threading.Lock()
         self._rows: list[dict[str, float]] = []
+        self._idle = IdleClock()  # rank 0: why this step waited for groups (learner/admission.py IDLE_CAUSES)
         self._stop = threading.Event()
         self._running = False
         self._closed = False
@@ -191,6 +194,7 @@ class LearnerRank:
 
     # ------------------------------------------------------------------------------------------- the step
     def _step(self) -> bool:
+        self._idle = IdleClock()
         start = time.perf_counter()
         status, groups, note = _GO, None, ""
         if self.rank == 0:
@@ -201,7 +205,9 @@ class LearnerRank:
             if groups is None and status == _GO:
                 status = _STOP
         waited = time.perf_counter() - start
+        broadcast_start = time.perf_counter()
         status, groups = self._broadcast(status, groups)
+        broadcast_s = time.perf_counter() - broadcast_start
         if status == _STALE_ERROR:
             raise StaleGroupError(note or "a stale group reached rank 0 (algo.stale_policy=error); see its log")
         if status == _STOP:
@@ -224,6 +230,7 @@ class LearnerRank:
                 self._trained_ids.extend(g.group_id for g in groups)
             train["seq_tokens"] = float(sum(s.num_tokens for s in samples))
             train["loss_trajectories"] = float(len(samples))  # = trajectories − tool_failed_masked
+            train["broadcast_s"] = broadcast_s
             self._record(groups, updated, train, waited, train_s, publish_s)
         if self.learner.checkpoint_every and self.version % self.learner.checkpoint_every == 0:
             self._checkpoint(final=False)
@@ -236,8 +243,12 @@ class LearnerRank:
         assert self.service is not None
         chosen: list[TrajectoryGroup] = []
         need = self.algo.groups_per_step
+        poll = min(IDLE_POLL_S, self.learner.take_timeout_s)
         while not self._stop.is_set():
-            got = self.service.take(need - len(chosen), self.learner.take_timeout_s)
+            cause = idle_cause(self.admission.capacity(self.version), self.admission.running)
+            started = time.perf_counter()
+            got = self.service.take(need - len(chosen), poll)
+            self._idle.add(cause, time.perf_counter() - started)
             if not got:
                 continue
             stale = split_stale(got, self.version, self.algo.max_staleness)[1]
@@ -335,6 +346,9 @@ class LearnerRank:
         row.update({
             "learner_idle_s": waited,
             "learner_idle_frac": waited / total if total > 0 else 0.0,
+            **self._idle.row(),
+            **{f"learner_idle_{cause}_frac": seconds / total if total > 0 else 0.0
+               for cause, seconds in self._idle.seconds.items()},
             "step_time_s": train_s,
             "publish_s": publish_s,
             "tokens_per_s": train["seq_tokens"] / train_s if train_s > 0 else 0.0,

@@ -61,6 +61,17 @@ def test_run_figures_skip_the_warmup_and_weight_staleness_by_tokens(bench):
         bench.run_figures(rows[:2], warmup=1)
 
 
+def test_run_figures_split_the_idle_fraction_by_cause(bench):
+    rows = [row(1, 9.0, 1.0, 0.0), row(2, 3.0, 1.0, 0.0), row(3, 1.0, 2.0, 1.0)]
+    rows[1].update(learner_idle_staleness_bound_s=2.0, learner_idle_actor_limit_s=1.0, learner_idle_no_rollouts_s=0.0)
+    rows[2].update(learner_idle_staleness_bound_s=0.0, learner_idle_actor_limit_s=0.5, learner_idle_no_rollouts_s=0.5)
+    f = bench.run_figures(rows, warmup=1)
+    assert f["idle_staleness_bound_frac"] == pytest.approx(2.0 / 8.0)
+    assert f["idle_actor_limit_frac"] == pytest.approx(1.5 / 8.0)
+    assert f["idle_no_rollouts_frac"] == pytest.approx(0.5 / 8.0)
+    assert bench.idle_split(f) == "bound 25.0% actors 18.8% none 6.2%"
+
+
 def test_run_figures_measure_the_wall_clock_too_when_rows_have_it(bench):
     rows = [row(1, 50.0, 1.0, 0.0, wall=60.0), row(2, 1.0, 1.0, 0.0, wall=62.5), row(3, 1.0, 1.0, 0.0, wall=65.0)]
     f = bench.run_figures(rows, warmup=1)

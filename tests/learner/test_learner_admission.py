@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learner.admission import AdmissionController, spans_versions, token_staleness
+from learner.admission import IDLE_CAUSES, AdmissionController, IdleClock, idle_cause, spans_versions, token_staleness
 
 
 def grants(controller: AdmissionController, version: int, attempts: int) -> int:
@@ -88,3 +88,30 @@ def test_a_dropped_group_gives_its_slot_back() -> None:
     assert not c.try_grant(0)
     c.on_group_dropped()  # dropped as stale: version 0 may admit one more
     assert c.accepted == 0 and c.try_grant(0)
+
+
+def test_idle_cause_follows_the_admission_state() -> None:
+    c = AdmissionController(groups_per_step=2, max_staleness=1)
+    assert idle_cause(c.capacity(0), c.running) == "no_rollouts"  # room, nothing in flight: no actor asking
+    grants(c, 0, 1)
+    assert idle_cause(c.capacity(0), c.running) == "actor_limit"  # room, one in flight: actors start no more
+    grants(c, 0, 10)
+    assert idle_cause(c.capacity(0), c.running) == "staleness_bound"  # 4 in flight = (1 + 0 + 1) · 2
+    for _ in range(4):
+        c.on_group_received()
+    # all four arrived but the learner is still at version 0: the rule has no room and nothing runs
+    assert (c.capacity(0), c.running) == (0, 0) and idle_cause(0, 0) == "staleness_bound"
+    assert idle_cause(c.capacity(1), c.running) == "no_rollouts"
+
+
+def test_idle_clock_sums_per_cause_and_rejects_unknown_causes() -> None:
+    clock = IdleClock()
+    clock.add("actor_limit", 0.25)
+    clock.add("actor_limit", 0.5)
+    clock.add("staleness_bound", 1.0)
+    clock.add("no_rollouts", -0.1)  # a clock step backwards never makes a negative wait
+    assert clock.row() == {"learner_idle_staleness_bound_s": 1.0, "learner_idle_actor_limit_s": 0.75,
+                           "learner_idle_no_rollouts_s": 0.0}
+    assert set(clock.row()) == {f"learner_idle_{c}_s" for c in IDLE_CAUSES}
+    with pytest.raises(ValueError, match="unknown idle cause"):
+        clock.add("tea_break", 1.0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from learner.admission import IDLE_CAUSES
 from learner.batch import pack_groups
 from learner_worlds import Dealer, expect, make_group, rank_main, reference_main
 from protocol import (
@@ -82,6 +83,10 @@ def test_two_ranks_train_through_the_zmq_endpoints_and_match_a_reference(tiny_vl
             assert row["groups_duplicate"] == 1 and row["bad_frames"] == 1 and row["groups_received"] == 2
             assert row["loss_tokens"] == row["tokens_generated"] > 0
             assert 0.0 <= row["learner_idle_frac"] <= 1.0 and row["grad_norm"] > 0
+            # the wait split by cause adds up to the wait (less the bookkeeping between polls)
+            causes = sum(row[f"learner_idle_{c}_s"] for c in IDLE_CAUSES)
+            assert row["learner_idle_s"] > 0 and 0.9 * row["learner_idle_s"] - 0.01 <= causes <= row["learner_idle_s"]
+            assert row["broadcast_s"] >= 0
 
             version, updated = assemble_weight_buckets(weights.ask(encode(WeightQuery(actor_id="t", have_version=0))))
             assert version == 1 and set(updated) == set(saved)
