@@ -31,7 +31,7 @@ class ReportConfig:
     enabled: bool = True
     every: int = 25  # learner steps between policy passes (0: only step 0 and the end)
     split: Optional[str] = "test"  # held-out questions of this split (datasets without a split column: every row)
-    per_label: Optional[int] = 96  # the first N questions of each search label (null: every question of the split)
+    per_label: Optional[int] = None  # the first N questions of each search label (None: every question of the split)
     baselines: bool = True  # always_search and never_search of the starting model, once at step 0
     timeout_s: float = 900.0  # one pass may take this long before the run gives up on it
 
@@ -211,7 +211,7 @@ def start_tracker(conf: Mapping[str, Any], roles: Any, run_dir: Path) -> Optiona
         raise RuntimeError("run.report needs a rollout actor to evaluate on")
     settings = {"run": {k: conf["run"][k] for k in ("mode", "max_steps", "seed", "report")},
                 "algo": conf["algo"], "reward": conf["actors"]["reward"],
-                "learner": {k: conf["learner"][k] for k in ("world_size", "lr", "lr_schedule", "warmup_steps")},
+                "learner": {k: conf["learner"][k] for k in ("world_size", "lr", "lr_schedule", "warmup_steps", "decay_steps")},
                 "actors": {k: conf["actors"][k] for k in ("num_actors", "max_concurrency")},
                 "model": {"path": conf["model"]["path"], "tiny": conf["model"].get("tiny"),
                           "sft": conf["model"].get("sft")},
