@@ -10,7 +10,8 @@ delay per reply, median 1.0 s for image search and 0.5 s for text search, σ = -
 once), each into its own folder under --out. The figures come from each run's metrics.jsonl, over the learner steps
 after the first --warmup (start-up lands in the first steps' waits). Per run: trajectories/s and tokens/s (over the
 learner's own step cycles: waiting for groups + training + publishing), learner idle fraction (and its split by cause:
-the admission rule's bound, the actors' own limit, no rollouts at all; learner/admission.py), staleness mean
+the admission rule's bound, an actor sleeping out a denial's retry delay, the actors' own limit, no rollouts
+at all; learner/admission.py), staleness mean
 (token-weighted) and max, seconds per step split into rollout wait (`learner_idle_s`), train (`step_time_s`) and
 publish (`publish_s`), final reward (mean over the last 5 steps) and held-out accuracy (the last
 `eval/policy/accuracy`, with --heldout). Per (seed, actors) and η: the async/sync ratio of trajectories/s, the
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launcher.run_folder import rl_rows  # noqa: E402  (the learner's RL rows of a metrics.jsonl)
-from learner.admission import IDLE_CAUSES  # noqa: E402  (why the learner waited: staleness_bound, actor_limit, no_rollouts)
+from learner.admission import IDLE_CAUSES  # noqa: E402  (why the learner waited)
 
 TARGET = 2.8  # issue 13: async/sync >= 2.8x at η <= 2
 FINAL_REWARD_STEPS = 5  # "final reward" = the mean reward of the last this many steps
@@ -175,8 +176,8 @@ def run_once(name: str, overrides: list[str], out_dir: Path, args: argparse.Name
 # ------------------------------------------------------------------------------------------ printing
 
 def idle_split(f: Mapping[str, float]) -> str:
-    """The idle fraction by cause (learner/admission.py IDLE_CAUSES), e.g. `bound 3.1% actors 20.4% none 0.2%`."""
-    short = {"staleness_bound": "bound", "actor_limit": "actors", "no_rollouts": "none"}
+    """The idle fraction by cause (learner/admission.py IDLE_CAUSES), e.g. `bound 3.1% retry 0.0% actors 20.4% none 0.2%`."""
+    short = {"staleness_bound": "bound", "admission_retry": "retry", "actor_limit": "actors", "no_rollouts": "none"}
     return " ".join(f"{short[c]} {100 * f.get(f'idle_{c}_frac', 0.0):.1f}%" for c in IDLE_CAUSES)
 
 

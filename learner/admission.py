@@ -90,18 +90,24 @@ class AdmissionController:
 # at its start, so the causes add up to `learner_idle_s`:
 #   staleness_bound: no new group may start (accepted + running >= (η + v + 1)·B): every group the rule admits is in
 #                    flight, and only a larger η (or faster episodes) would give the learner more to train;
+#   admission_retry: the rule has room again, but an actor denied within the last retry_after_ms is still sleeping
+#                    out that delay (actors that ask for more groups than the rule allows, and a version step that
+#                    makes room meanwhile);
 #   actor_limit:     the rule has room and groups are in flight, but the actors start no more: they are at their own
 #                    limit (actors.max_groups_in_flight, engine concurrency) — more actors or more in flight help;
 #   no_rollouts:     nothing in flight and room to start: no actor is asking (start-up, eval passes, weight loads,
 #                    a dead or restarting actor).
-IDLE_CAUSES = ("staleness_bound", "actor_limit", "no_rollouts")
+IDLE_CAUSES = ("staleness_bound", "admission_retry", "actor_limit", "no_rollouts")
 
 
-def idle_cause(capacity: int, running: int) -> str:
+def idle_cause(capacity: int, running: int, retrying: bool = False) -> str:
     """The cause (one of IDLE_CAUSES) of a wait that starts with this admission state (`capacity` from
-    AdmissionController.capacity at the current version, `running` its granted-not-received groups)."""
+    AdmissionController.capacity at the current version, `running` its granted-not-received groups, `retrying`:
+    an actor was denied within its retry delay, TrajectoryService.retry_pending)."""
     if capacity <= 0:
         return "staleness_bound"
+    if retrying:
+        return "admission_retry"
     return "actor_limit" if running > 0 else "no_rollouts"
 
 

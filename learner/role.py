@@ -245,7 +245,8 @@ class LearnerRank:
         need = self.algo.groups_per_step
         poll = min(IDLE_POLL_S, self.learner.take_timeout_s)
         while not self._stop.is_set():
-            cause = idle_cause(self.admission.capacity(self.version), self.admission.running)
+            cause = idle_cause(self.admission.capacity(self.version), self.admission.running,
+                               self.service.retry_pending())
             started = time.perf_counter()
             got = self.service.take(need - len(chosen), poll)
             self._idle.add(cause, time.perf_counter() - started)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from typing import Callable, Optional
 
@@ -74,6 +75,7 @@ class TrajectoryService:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._granted: OrderedDict[str, None] = OrderedDict()  # granted request ids not yet released
         self._version = version
+        self._denied_at = float("-inf")  # time.monotonic() of the last denied admission
         self._stopping = False
         self._intake_open = True
         self._journal = journal
@@ -91,6 +93,12 @@ class TrajectoryService:
         """The policy version admissions are granted against (call after each optimiser step)."""
         with self._cond:
             self._version = version
+
+    def retry_pending(self) -> bool:
+        """True while an actor denied an admission may still be sleeping out its retry_after_ms (it asks again
+        after that delay, even if room appeared meanwhile): the learner's idle clock puts such waits down to it."""
+        with self._cond:
+            return time.monotonic() - self._denied_at < self._retry_after_ms / 1000.0
 
     def stop_admissions(self) -> None:
         """From now on every AdmissionReply is a refusal with stopping=True; pending `take`s return []."""
@@ -230,6 +238,8 @@ class TrajectoryService:
             self.metrics.inc("admissions_granted")
             return AdmissionReply(request_id=request.request_id, granted=True, version=version)
         self.metrics.inc("admissions_denied")
+        with self._cond:
+            self._denied_at = time.monotonic()
         return AdmissionReply(request_id=request.request_id, granted=False, version=version,
                               retry_after_ms=self._retry_after_ms)
 

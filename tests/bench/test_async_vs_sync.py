@@ -69,7 +69,7 @@ def test_run_figures_split_the_idle_fraction_by_cause(bench):
     assert f["idle_staleness_bound_frac"] == pytest.approx(2.0 / 8.0)
     assert f["idle_actor_limit_frac"] == pytest.approx(1.5 / 8.0)
     assert f["idle_no_rollouts_frac"] == pytest.approx(0.5 / 8.0)
-    assert bench.idle_split(f) == "bound 25.0% actors 18.8% none 6.2%"
+    assert bench.idle_split(f) == "bound 25.0% retry 0.0% actors 18.8% none 6.2%"
 
 
 def test_run_figures_measure_the_wall_clock_too_when_rows_have_it(bench):

@@ -102,6 +102,9 @@ def test_idle_cause_follows_the_admission_state() -> None:
     # all four arrived but the learner is still at version 0: the rule has no room and nothing runs
     assert (c.capacity(0), c.running) == (0, 0) and idle_cause(0, 0) == "staleness_bound"
     assert idle_cause(c.capacity(1), c.running) == "no_rollouts"
+    # room, but an actor denied a moment ago sleeps out its retry delay before it asks again
+    assert idle_cause(c.capacity(1), c.running, retrying=True) == "admission_retry"
+    assert idle_cause(0, 3, retrying=True) == "staleness_bound"  # no room: the retry is not what holds it up
 
 
 def test_idle_clock_sums_per_cause_and_rejects_unknown_causes() -> None:
@@ -110,8 +113,8 @@ def test_idle_clock_sums_per_cause_and_rejects_unknown_causes() -> None:
     clock.add("actor_limit", 0.5)
     clock.add("staleness_bound", 1.0)
     clock.add("no_rollouts", -0.1)  # a clock step backwards never makes a negative wait
-    assert clock.row() == {"learner_idle_staleness_bound_s": 1.0, "learner_idle_actor_limit_s": 0.75,
-                           "learner_idle_no_rollouts_s": 0.0}
+    assert clock.row() == {"learner_idle_staleness_bound_s": 1.0, "learner_idle_admission_retry_s": 0.0,
+                           "learner_idle_actor_limit_s": 0.75, "learner_idle_no_rollouts_s": 0.0}
     assert set(clock.row()) == {f"learner_idle_{c}_s" for c in IDLE_CAUSES}
     with pytest.raises(ValueError, match="unknown idle cause"):
         clock.add("tea_break", 1.0)

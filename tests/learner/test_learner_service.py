@@ -186,3 +186,30 @@ def test_a_resent_admission_request_gets_the_same_grant_not_a_second_slot(servic
     assert first.granted and repeat.granted and service.admission.running == 1
     assert service.metrics.counter("admission_repeats") == 1
     assert admit(dealer)[0].granted and not admit(dealer)[0].granted  # capacity 2: one slot was left
+
+
+def test_retry_pending_covers_a_denied_actors_retry_delay() -> None:
+    """The learner's idle clock puts waits down to `admission_retry` while a denied actor sleeps out retry_after_ms."""
+    svc = TrajectoryService(AdmissionController(groups_per_step=1, max_staleness=0), retry_after_ms=60_000)
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 5000)
+    socket.connect(svc.endpoint)
+    try:
+        assert not svc.retry_pending()  # nobody was denied yet
+        granted, denied = admit(socket, 2)  # room for one group at version 0
+        assert granted.granted and not denied.granted and denied.retry_after_ms == 60_000
+        assert svc.retry_pending()
+    finally:
+        socket.close()
+        context.term()
+        svc.close()
+    quick = TrajectoryService(AdmissionController(groups_per_step=1, max_staleness=0), retry_after_ms=1)
+    try:
+        quick._admit(AdmissionRequest(actor_id="t", request_id="q1"))
+        assert not quick._admit(AdmissionRequest(actor_id="t", request_id="q2")).granted
+        time.sleep(0.01)
+        assert not quick.retry_pending()  # its 1 ms delay is over: the actor may ask again
+    finally:
+        quick.close()
