@@ -3,6 +3,7 @@
     PYTHONPATH=. .venv/bin/python bench/async_vs_sync.py                   # 2 seeds x (1, 2 actors) x (sync, η 1 2 4)
     PYTHONPATH=. .venv/bin/python bench/async_vs_sync.py --quick           # a smoke: 1 seed, 1 actor, sync + η 1
     PYTHONPATH=. .venv/bin/python bench/async_vs_sync.py --steps 40 --seeds 0 1 --eta 1 2 --actors 1 --sigma 0.5
+    PYTHONPATH=. .venv/bin/python bench/async_vs_sync.py --figures runs/a runs/b  # figures of finished runs only
 
 Every run is `python launch.py run.mode=... run.max_steps=STEPS ...` in a subprocess (vLLM actors, tool server
 processes, the FSDP2 learner), with the tool servers' latency model on (tool_servers/latency.py: a seeded log-normal
@@ -225,7 +226,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="an extra Hydra override for every run (repeatable)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke: 4 steps (1 warm-up), seed 0, 1 actor, η 1, no held-out pass")
+    parser.add_argument("--figures", nargs="+", metavar="RUN_DIR", default=None,
+                        help="launch nothing: print the per-run figures (idle split included) of finished runs' "
+                             "folders, e.g. a default `python launch.py` run, over the steps after --warmup")
     args = parser.parse_args(argv)
+    if args.figures:
+        for folder in args.figures:
+            rows = read_rows(Path(folder) / "metrics.jsonl")
+            if not rows:
+                raise SystemExit(f"{folder}: no metrics.jsonl rows")
+            print(f"{folder}:\n{format_run('run', None, run_figures(rows, args.warmup))}")
+        return 0
     if args.quick:
         args.steps, args.warmup, args.seeds, args.eta, args.actors, args.heldout = 4, 1, [0], [1], [1], 0
         args.run_timeout_s = min(args.run_timeout_s, 900)
