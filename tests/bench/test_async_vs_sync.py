@@ -2,6 +2,8 @@
 overlap bound of the sync run's phases and the share of it reached; and the overrides each run gets."""
 from __future__ import annotations
 
+import json
+
 import argparse
 import importlib.util
 from pathlib import Path
@@ -122,3 +124,14 @@ def test_each_run_gets_the_latency_model_and_its_mode(bench, tmp_path):
     assert "run.mode=async" in asynchronous and "algo.max_staleness=4" in asynchronous
     assert "run.report.per_label=16" in asynchronous and "run.report.every=0" in asynchronous
     assert bench.run_name("async", 4, 1, 0) == "async-eta4-a1-s0" and bench.run_name("sync", 0, 2, 1) == "sync-a2-s1"
+
+
+def test_figures_of_finished_runs_launch_nothing(bench, tmp_path, capsys):
+    rows = [row(1, 9.0, 1.0, 0.0), row(2, 3.0, 1.0, 0.0), row(3, 1.0, 2.0, 1.0)]
+    rows[2].update(learner_idle_actor_limit_s=1.0)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench.main(["--figures", str(tmp_path), "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "idle  50.0% (bound 0.0% retry 0.0% actors 12.5% none 0.0%)" in out
+    with pytest.raises(SystemExit, match="no metrics.jsonl rows"):
+        bench.main(["--figures", str(tmp_path / "missing")])
