@@ -2,10 +2,9 @@
 overlap bound of the sync run's phases and the share of it reached; and the overrides each run gets."""
 from __future__ import annotations
 
-import json
-
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
