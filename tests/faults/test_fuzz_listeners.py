@@ -16,6 +16,13 @@ releases being the only messages without a reply; the weights endpoint: weights_
 gateway's faces: one http_status_<code> / mcp_status_<code> per request, never a 5xx). Then a valid request is
 served correctly, and at the end each process is alive and exits 0 on SIGTERM.
 
+What this fuzz found, fixed with it: the gateway answered a bare, uncounted 500 to bodies nested deeper than
+Python's json recurses, integers of over 4,300 digits, a lone surrogate or an int beyond 64 bits (now 400
+bad_request); the weights endpoint sent no reply at all, while counting one served, to a query with
+have_version < -1 before the first publish (now WeightNone); stats replies, weights queries answered WeightNone and
+handler bugs reached no counter; the learner's endpoints logged a warning for every bad frame (now the 1st, 2nd,
+4th, 8th, ...).
+
 Every listener gets the full 10,000. Measured on 2 shared cores: each ZMQ listener takes 0.5-2 s, the JSON face
 3.5-10 s (1,000-2,900 requests/s through aiohttp, kept-alive connections, 8 at a time), the MCP face 6-18 s
 (570-1,600/s through uvicorn and the MCP SDK); the whole file 16 s on a quiet box, 55 s on a busy one. Each test
