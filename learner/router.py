@@ -4,7 +4,8 @@ The socket is bound in the constructor (so a bad endpoint fails the caller) and 
 serving thread, which polls with a short timeout so `close()` takes effect within ~0.1 s. Loopback by default;
 beyond loopback a shared token is required, and every message must then carry it in its `token` field (checked
 before the handler sees the frame; a missing or wrong one gets ErrorReply(unauthorized), counted as
-`<name>_unauthorized`). Frames over `max_frame_bytes` are never read (ZMQ drops that connection).
+`<name>_unauthorized`). A handler that raises is answered ErrorReply(backend_error), counted as
+`<name>_handler_errors`. Frames over `max_frame_bytes` are never read (ZMQ drops that connection).
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def frame_token(payload: bytes) -> Optional[str]:
         return None
 
 
+def worth_logging(count: float) -> bool:
+    """True for the 1st, 2nd, 4th, 8th, ... occurrence of an event: a flood of bad frames must not flood the log."""
+    n = int(count)
+    return n > 0 and n & (n - 1) == 0
+
+
 class RouterThread:
     """Serve `handler` on a ROUTER bound to `endpoint` until `close()`. Beyond loopback, `allow_remote` must be set
     and a `token` given; rejections are counted on `metrics`."""
@@ -57,6 +64,7 @@ class RouterThread:
         self._token = token or None
         self.metrics = metrics or Metrics()
         self.metrics.inc(f"{name}_unauthorized", 0.0)
+        self.metrics.inc(f"{name}_handler_errors", 0.0)
         self._context = zmq.Context()
         self._socket = configure(self._context.socket(zmq.ROUTER), max_frame_bytes)
         try:
@@ -86,7 +94,8 @@ class RouterThread:
                     continue
                 try:
                     replies = self._handler(payload)
-                except Exception as exc:  # a handler bug must not kill the endpoint: log it, tell the peer
+                except Exception as exc:  # a handler bug must not kill the endpoint: count and log it, tell the peer
+                    self.metrics.inc(f"{self.name}_handler_errors")
                     log.exception("%s handler failed on a %d-byte frame", self.name, len(payload))
                     replies = [encode(ErrorReply(code="backend_error", message=f"{type(exc).__name__}: {exc}"))]
                 for reply in replies:
@@ -98,7 +107,7 @@ class RouterThread:
     def _unauthorized(self, peer: bytes, size: int) -> None:
         self.metrics.inc(f"{self.name}_unauthorized")
         count = int(self.metrics.counter(f"{self.name}_unauthorized"))
-        if count & (count - 1) == 0:  # 1, 2, 4, 8, ...: a flood of bad frames must not flood the log
+        if worth_logging(count):
             log.warning("%s endpoint: rejected a %d-byte frame with a missing or wrong token (%d so far)", self.name,
                         size, count)
         self._socket.send_multipart([peer, encode(ErrorReply(code="unauthorized", message="missing or wrong token"))])

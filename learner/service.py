@@ -18,7 +18,7 @@ import msgspec
 
 from learner.admission import AdmissionController
 from learner.journal import GroupJournal
-from learner.router import RouterThread
+from learner.router import RouterThread, worth_logging
 from protocol import (
     AdmissionRelease,
     AdmissionReply,
@@ -207,7 +207,9 @@ class TrajectoryService:
             message = decode(payload, LearnerInbound, max_frame_bytes=self._max_frame_bytes)
         except ProtocolError as exc:
             self.metrics.inc("bad_frames")
-            log.warning("trajectory endpoint: rejected a %d-byte frame: %s", len(payload), exc)
+            if worth_logging(self.metrics.counter("bad_frames")):
+                log.warning("trajectory endpoint: rejected a %d-byte frame (%d bad frames so far): %s", len(payload),
+                            self.metrics.counter("bad_frames"), exc)
             return [encode(ErrorReply(code="bad_request", message=str(exc)))]
         if isinstance(message, AdmissionRequest):
             return [encode(self._admit(message))]

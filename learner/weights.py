@@ -28,7 +28,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from learner.router import RouterThread
+from learner.router import RouterThread, worth_logging
 from learner.weight_transport import (
     TORCH_DTYPES, QueryHook, WeightEndpoint, WeightPublisher, cast_for_publish,
 )
@@ -188,15 +188,18 @@ class ZmqWeightPublisher:
             query = decode(payload, WeightQuery, max_frame_bytes=MAX_QUERY_BYTES)
         except ProtocolError as exc:
             self.metrics.inc("weights_bad_frames")
-            log.warning("weights endpoint: %s", exc)
+            if worth_logging(self.metrics.counter("weights_bad_frames")):
+                log.warning("weights endpoint: rejected a %d-byte frame (%d bad frames so far): %s", len(payload),
+                            self.metrics.counter("weights_bad_frames"), exc)
             return [encode(ErrorReply(code="bad_request", message=str(exc)))]
+        self.metrics.inc("weights_queries")
         if self.query_hook is not None:
             answer = self.query_hook(query)
             if answer is not None:
                 return answer
         with self._lock:
             version, frames = self._latest
-        if version > query.have_version:
+        if frames and version > query.have_version:  # before the first publish there is nothing to send
             self.metrics.inc("weights_served")
             return list(frames)
         return [encode(WeightNone(version=version))]

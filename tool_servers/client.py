@@ -85,7 +85,7 @@ class ToolClient:
         self.attempt_timeout_s = attempt_timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.metrics = metrics or Metrics()
-        for name in ("calls", "replies_ok", "retries", "unreachable", "replica_disconnects",
+        for name in ("calls", "replies_ok", "retries", "unreachable", "unanswered", "replica_disconnects",
                      "disconnected_in_flight", "cached_replies"):
             self.metrics.inc(name, 0.0)
         self._replicas: list[_Replica] = []
@@ -144,7 +144,13 @@ class ToolClient:
             request = ToolRequest(id=request_id, tool=tool, args=frame_args, token=self.token,
                                   deadline_ms=max(1, int(budget * 1000)))
             try:
-                reply = await self._exchange(replica, request_id, encode(request), budget)
+                frame = encode(request)
+            except (ValueError, OverflowError, TypeError) as exc:  # a lone surrogate, an int beyond 64 bits, ...
+                self.metrics.inc("error_bad_request")
+                raise ToolCallError("bad_request", f"{tool} arguments cannot be sent: {type(exc).__name__}: "
+                                                   f"{exc}") from exc
+            try:
+                reply = await self._exchange(replica, request_id, frame, budget)
             except zmq.Again:  # IMMEDIATE: no completed connection to this replica (down or still connecting)
                 unreachable += 1
                 self.metrics.inc("unreachable")
@@ -156,6 +162,8 @@ class ToolClient:
                 avoid.add(replica)
                 continue
             attempts += 1
+            if reply is None:  # the attempt's budget ran out with no reply at all: a hung (or very slow) replica
+                self.metrics.inc("unanswered")
             error = self._error_of(reply, replica, budget)
             if error is None:
                 replica.replies_ok += 1

@@ -98,8 +98,10 @@ def item_json(item: ToolItem) -> dict[str, Any]:
 @dataclass
 class ToolGateway:
     """The tools behind the gateway: one ToolClient per tool name, and the gateway's own counters (`metrics`:
-    http_requests, http_unauthorized, http_too_large, http_bad_request, mcp_unauthorized, mcp_too_large,
-    mcp_rejected: any other 4xx answer of the MCP app, e.g. a body that is not JSON-RPC)."""
+    http_requests, http_unauthorized, http_too_large, http_bad_request (a body that is not JSON), http_internal_errors
+    (a handler bug, answered 500), http_status_<status> (every answer of the JSON face, by HTTP status);
+    mcp_requests, mcp_unauthorized, mcp_too_large, mcp_rejected (any other 4xx answer of the MCP app, e.g. a body
+    that is not JSON-RPC), mcp_internal_errors, mcp_status_<status> (every answer of the MCP face, by status))."""
 
     clients: Mapping[str, ToolClient]
     deadline_s: float | None = None  # per call; None = each client's default
@@ -107,8 +109,8 @@ class ToolGateway:
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
-        for name in ("http_requests", "http_unauthorized", "http_too_large", "http_bad_request", "mcp_unauthorized",
-                     "mcp_too_large", "mcp_rejected"):
+        for name in ("http_requests", "http_unauthorized", "http_too_large", "http_bad_request", "http_internal_errors",
+                     "mcp_requests", "mcp_unauthorized", "mcp_too_large", "mcp_rejected", "mcp_internal_errors"):
             self.metrics.inc(name, 0.0)
 
     @classmethod
@@ -163,17 +165,30 @@ def http_app(gateway: ToolGateway, token: str | None = None, max_body_bytes: int
     """The JSON endpoint: GET /healthz, GET /v1/tools, POST /v1/tools/{tool}, GET /v1/stats.
 
     With a token, every route but /healthz needs `Authorization: Bearer <token>` (compared in constant time).
-    Bodies over `max_body_bytes` get 413; refusals are counted in `gateway.metrics`.
+    Bodies over `max_body_bytes` get 413; refusals are counted in `gateway.metrics`, and every answer by its status
+    (`http_status_<status>`). A handler that raises is answered 500 (`backend_error`) and counted.
     """
     metrics = gateway.metrics
 
     @web.middleware
-    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         metrics.inc("http_requests")
-        if request.path != "/healthz" and not _authorised(request.headers.get("Authorization"), token):
-            metrics.inc("http_unauthorized")
-            return _error_response("unauthorized", "missing or wrong bearer token")
-        return await handler(request)
+        try:
+            if request.path != "/healthz" and not _authorised(request.headers.get("Authorization"), token):
+                metrics.inc("http_unauthorized")
+                response = _error_response("unauthorized", "missing or wrong bearer token")
+            else:
+                response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own answers: no such route (404), wrong method (405), ...
+            metrics.inc(f"http_status_{exc.status}")
+            raise
+        except Exception as exc:  # a bug: answered and counted rather than left to aiohttp's bare 500
+            metrics.inc("http_internal_errors")
+            log.exception("gateway: %s %s failed", request.method, request.path)
+            response = web.json_response({"ok": False, "error": {"code": "backend_error", "message":
+                                                                 f"gateway error: {type(exc).__name__}"}}, status=500)
+        metrics.inc(f"http_status_{response.status}")
+        return response
 
     async def healthz(request: web.Request) -> web.Response:
         if not _authorised(request.headers.get("Authorization"), token):  # a probe: alive, but no replica addresses
@@ -194,9 +209,11 @@ def http_app(gateway: ToolGateway, token: str | None = None, max_body_bytes: int
         except web.HTTPRequestEntityTooLarge:
             metrics.inc("http_too_large")
             return _error_response("too_large", f"request body over {max_body_bytes} bytes")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # JSON only: a pickle is just bad JSON
+        # JSON only (a pickle is just bad JSON). ValueError: not JSON, not UTF-8, or an integer of more digits than
+        # Python converts; RecursionError: arrays or objects nested deeper than the parser recurses.
+        except (ValueError, RecursionError) as exc:
             metrics.inc("http_bad_request")
-            return _error_response("bad_request", f"body is not JSON: {exc}")
+            return _error_response("bad_request", f"body is not JSON: {type(exc).__name__}: {str(exc)[:200]}")
         try:
             reply = await gateway.call(tool, arguments)
         except ToolCallError as exc:
@@ -204,7 +221,7 @@ def http_app(gateway: ToolGateway, token: str | None = None, max_body_bytes: int
         return web.json_response({"ok": True, "items": [item_json(i) for i in reply.items], "cached": reply.cached,
                                   "server_ms": reply.server_ms})
 
-    app = web.Application(middlewares=[auth], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[guard], client_max_size=max_body_bytes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/tools", tools)
     app.router.add_get("/v1/stats", stats)
@@ -266,7 +283,8 @@ async def _refuse(send: Any, status: int, message: str) -> None:
 class _GuardASGI:
     """ASGI wrapper of the MCP app: HTTP requests need `Authorization: Bearer <token>` when there is a token (401),
     and bodies are bounded by `max_body_bytes` (413 from Content-Length; a chunked body that grows past it is cut
-    off as a client disconnect). Lifespan events pass through; refusals are counted on `metrics`."""
+    off as a client disconnect). Lifespan events pass through; refusals are counted on `metrics`, every answer by its
+    status (`mcp_status_<status>`), and an app that raises before answering is answered 500 and counted."""
 
     def __init__(self, app: Any, token: str | None, max_body_bytes: int, metrics: Metrics) -> None:
         self.app = app
@@ -278,15 +296,25 @@ class _GuardASGI:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        self.metrics.inc("mcp_requests")
+        started = False
+
+        async def counted_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.metrics.inc(f"mcp_status_{message['status']}")
+            await send(message)
+
         headers = dict(scope.get("headers") or [])
         if not _authorised(headers.get(b"authorization", b"").decode("latin-1") or None, self.token):
             self.metrics.inc("mcp_unauthorized")
-            await _refuse(send, 401, "missing or wrong bearer token")
+            await _refuse(counted_send, 401, "missing or wrong bearer token")
             return
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
             self.metrics.inc("mcp_too_large")
-            await _refuse(send, 413, f"request body of {int(length)} bytes is over {self.max_body_bytes}")
+            await _refuse(counted_send, 413, f"request body of {int(length)} bytes is over {self.max_body_bytes}")
             return
         received = 0
 
@@ -303,9 +331,16 @@ class _GuardASGI:
         async def watched_send(message: dict) -> None:
             if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
                 self.metrics.inc("mcp_rejected")
-            await send(message)
+            await counted_send(message)
 
-        await self.app(scope, bounded_receive, watched_send)
+        try:
+            await self.app(scope, bounded_receive, watched_send)
+        except Exception:
+            self.metrics.inc("mcp_internal_errors")
+            log.exception("MCP gateway: %s %s failed", scope.get("method"), scope.get("path"))
+            if started:  # too late for a status: the server closes the connection
+                raise
+            await _refuse(counted_send, 500, "gateway error")
 
 
 async def serve_mcp_stdio(gateway: ToolGateway) -> None:

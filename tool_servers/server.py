@@ -63,6 +63,14 @@ class _PeekId(msgspec.Struct):
 _peek_decoder = msgspec.msgpack.Decoder(_PeekId)
 
 
+def _split_route(frames: list[bytes]) -> tuple[tuple[bytes, ...], list[bytes]]:
+    """(the route to reply on, the payload frames) of a message a ROUTER received: the peer's identity, plus the
+    empty delimiter of a REQ peer (identity, b"", payload)."""
+    if len(frames) == 3 and frames[1] == b"":
+        return (frames[0], b""), frames[2:]
+    return (frames[0],), frames[1:]
+
+
 def _peek_id(frame: bytes) -> str:
     try:
         return _peek_decoder.decode(frame).id
@@ -140,8 +148,9 @@ class ToolServer:
         self._closed: asyncio.Event | None = None
         for code in ERROR_CODES:  # every code appears in stats, even at zero
             self.metrics.inc(f"error_{code}", 0.0)
-        for name in ("requests", "replies_ok", "expired_in_queue", "late_results_dropped", "undecodable_frames",
-                     "cache_hits", "cache_hits_disk", "cache_misses"):
+        for name in ("requests", "replies_ok", "stats_replies", "expired_in_queue", "late_results_dropped",
+                     "undecodable_frames", "frame_handler_errors", "send_failures", "cache_hits", "cache_hits_disk",
+                     "cache_misses"):
             self.metrics.inc(name, 0.0)
         if snapshot.enabled:
             for name in ("snapshot_hits", "snapshot_misses", "snapshot_records", "snapshot_record_dropped"):
@@ -273,15 +282,16 @@ class ToolServer:
         assert self._socket is not None
         while True:
             frames = await self._socket.recv_multipart()
+            route, payloads = _split_route(frames)
             try:
-                self._on_frames(frames)
-            except Exception:  # a bug handling one frame must not stop the server
+                self._on_frames(route, payloads)
+            except Exception as exc:  # a bug handling one frame must neither stop the server nor leave its peer waiting
+                self.metrics.inc("frame_handler_errors")
                 log.exception("tool server failed to handle a frame")
+                request_id = _peek_id(payloads[0]) if len(payloads) == 1 else ""
+                self._frame_error(route, "backend_error", f"{type(exc).__name__}: {exc}", request_id)
 
-    def _on_frames(self, frames: list[bytes]) -> None:
-        route, payloads = (frames[0],), frames[1:]
-        if len(payloads) == 2 and payloads[0] == b"":  # a REQ peer: keep its empty delimiter for the reply
-            route, payloads = (frames[0], b""), payloads[1:]
+    def _on_frames(self, route: tuple[bytes, ...], payloads: list[bytes]) -> None:
         if len(payloads) != 1:
             self._frame_error(route, "bad_request", f"expected 1 payload frame, got {len(payloads)}", "")
             return
@@ -301,7 +311,9 @@ class ToolServer:
             self._frame_error(route, "unauthorized", "missing or wrong token", message.id)
             return
         if isinstance(message, StatsRequest):
-            self._send(route, StatsReply(id=message.id, stats=self.stats()))
+            stats = self.stats()
+            self.metrics.inc("stats_replies")
+            self._send(route, StatsReply(id=message.id, stats=stats))
             return
         self._admit(route, message)
 
@@ -539,7 +551,7 @@ class ToolServer:
         try:
             # ROUTER never blocks: it drops replies to peers that are gone or over their high-water mark.
             self._socket.send_multipart([*route, encode(message)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ValueError, OverflowError, TypeError) as exc:  # or the reply would not encode
             self.metrics.inc("send_failures")
             log.warning("reply to %r failed: %s", route[0], exc)
 

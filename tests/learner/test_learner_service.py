@@ -92,6 +92,32 @@ def test_bad_frames_get_error_replies_and_the_endpoint_keeps_serving(service, de
     assert admit(dealer)[0].granted
 
 
+def test_a_handler_that_raises_is_answered_backend_error_counted_and_the_endpoint_keeps_serving() -> None:
+    from learner.router import RouterThread
+
+    def handler(payload: bytes) -> list[bytes]:
+        if payload == b"boom":
+            raise RuntimeError("a bug")
+        return [encode(ErrorReply(code="bad_request", message="fine"))]
+
+    router = RouterThread("probe", handler)
+    context = zmq.Context()
+    peer = context.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.setsockopt(zmq.RCVTIMEO, 5000)
+    peer.connect(router.endpoint)
+    try:
+        for payload, code in ((b"boom", "backend_error"), (b"ok", "bad_request")):
+            peer.send(payload)
+            reply = decode(peer.recv(), LearnerOutbound)
+            assert isinstance(reply, ErrorReply) and reply.code == code, reply
+        assert router.metrics.counter("probe_handler_errors") == 1
+    finally:
+        peer.close()
+        context.term()
+        router.close()
+
+
 def test_invalid_group_is_refused_and_frees_its_admission(service, dealer, tiny_vlm) -> None:
     assert admit(dealer, 2)[1].granted
     bad = make_group("bad", tiny_vlm[1])

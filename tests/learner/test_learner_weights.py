@@ -106,6 +106,14 @@ def test_publisher_answers_garbage_with_an_error_and_keeps_serving(publisher) ->
     assert publisher.metrics.counter("weights_bad_frames") == 1
 
 
+def test_a_query_below_every_version_before_the_first_publish_gets_weight_none(publisher) -> None:
+    """Nothing published yet: whatever have_version says, the answer is WeightNone (it used to be no reply at all
+    for have_version < -1, counted as weights_served; found by tests/faults/test_fuzz_listeners.py)."""
+    for have_version in (-2, -2**63, -1, 7):
+        assert query(publisher, have_version) == [WeightNone(version=-1)]
+    assert publisher.metrics.counter("weights_queries") == 4 and publisher.metrics.counter("weights_served") == 0
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
 def test_checkpoint_names_match_for_both_tiny_model_families(family: str, tmp_path) -> None:
     tiny = pytest.importorskip("models.tiny")

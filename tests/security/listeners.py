@@ -3,8 +3,9 @@ forage): `tools` = a tool server replica (ToolServerRole, simulated backend) plu
 front of it; `learner` = rank 0's trajectory endpoint (TrajectoryService) and weights endpoint (ZmqWeightPublisher).
 
 Prints one JSON line {pid, endpoints} once everything listens, one line {metrics} on each SIGUSR1, and on SIGTERM
-stops, prints {metrics} and exits 0. With --token-env VAR every listener requires the token in VAR. Limits are small
-so the size tests stay cheap.
+stops, prints {metrics} and exits 0. With --token-env VAR every listener requires the token in VAR;
+--tool-latency-ms sets the simulated backend's time per request (default 50). Limits are small so the size tests
+stay cheap. tests/listenerkit.py starts it (`Listeners`) for the security and fault suites.
 """
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ TRAJECTORY_FRAME_BYTES = 1024 * 1024
 Counters = Callable[[], dict[str, Any]]
 
 
-async def tools_side(token: str | None, stop: asyncio.Event, serving: Callable[[Counters], None]) -> Counters:
+async def tools_side(token: str | None, stop: asyncio.Event, serving: Callable[[Counters], None],
+                     args: argparse.Namespace) -> Counters:
     from tool_servers.gateway import ToolGateway, start_gateway
     from tool_servers.server import ToolServerRole
 
-    role = ToolServerRole("text_search", {"backend": "simulated"}, limits=TOOL_LIMITS, token=token)
+    backend = {"backend": "simulated", "latency_ms": args.tool_latency_ms}
+    role = ToolServerRole("text_search", backend, limits=TOOL_LIMITS, token=token)
     tool_endpoint = role.start()
     gateway = ToolGateway.from_endpoints({"text_search": [tool_endpoint]}, token=token, default_deadline_s=5.0)
     servers = await start_gateway(gateway, http=("127.0.0.1", 0), mcp_http=("127.0.0.1", 0), token=token,
@@ -48,7 +51,8 @@ async def tools_side(token: str | None, stop: asyncio.Event, serving: Callable[[
     return counters
 
 
-async def learner_side(token: str | None, stop: asyncio.Event, serving: Callable[[Counters], None]) -> Counters:
+async def learner_side(token: str | None, stop: asyncio.Event, serving: Callable[[Counters], None],
+                       args: argparse.Namespace) -> Counters:
     from learner.admission import AdmissionController
     from learner.service import TrajectoryService
     from learner.weights import ZmqWeightPublisher
@@ -75,6 +79,8 @@ async def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("side", choices=["tools", "learner"])
     parser.add_argument("--token-env")
+    parser.add_argument("--tool-latency-ms", type=float, default=50.0,
+                        help="the simulated backend's time per request (the fuzz wants 0)")
     args = parser.parse_args()
     token = os.environ[args.token_env] if args.token_env else None
     stop = asyncio.Event()
@@ -85,7 +91,7 @@ async def main() -> int:
     def serving(counters: Counters) -> None:
         loop.add_signal_handler(signal.SIGUSR1, lambda: print(json.dumps({"metrics": counters()}), flush=True))
 
-    counters = await side(token, stop, serving)
+    counters = await side(token, stop, serving, args)
     print(json.dumps({"metrics": counters()}), flush=True)
     return 0
 

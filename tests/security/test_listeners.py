@@ -15,87 +15,41 @@ import asyncio
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import psutil
 import pytest
-import zmq
 
+from listenerkit import (
+    INITIALIZE,
+    MCP_HEADERS,
+    REPO,
+    Listeners,
+    delta,
+    http,
+    learner_frames,
+    served,
+    tool_request,
+    zmq_exchange,
+)
 from protocol import (
-    AdmissionReply,
-    AdmissionRequest,
     ErrorReply,
     GroupAck,
     LearnerOutbound,
     ToolOutbound,
     ToolReply,
-    ToolRequest,
     Trajectory,
     TrajectoryGroup,
-    WeightNone,
-    WeightQuery,
     decode,
     encode,
     to_ndarray,
 )
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 TOKEN = "s3cret-token-for-tests"
-
-
-# ------------------------------------------------------------------------------------------------ processes
-
-
-class Listeners:
-    """One side's listener process; `stop()` returns the counters it printed on SIGTERM."""
-
-    def __init__(self, side: str, token: str | None) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "SECURITY_TEST_TOKEN": token or ""}
-        command = [sys.executable, str(HERE / "listeners.py"), side]
-        if token:
-            command += ["--token-env", "SECURITY_TEST_TOKEN"]
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
-        line = self.process.stdout.readline()
-        if not line.startswith("{"):
-            self.process.kill()
-            raise RuntimeError(f"{side} listeners did not start: {line!r} {self.process.stderr.read()[-3000:]}")
-        started = json.loads(line)
-        self.pid: int = started["pid"]
-        self.endpoints: dict[str, str] = started["endpoints"]
-        self.metrics: dict[str, Any] | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def counters(self) -> dict[str, Any]:
-        """The process's counters now (it prints them on SIGUSR1)."""
-        self.process.send_signal(signal.SIGUSR1)
-        return json.loads(self.process.stdout.readline())["metrics"]
-
-    def stop(self) -> dict[str, Any]:
-        if self.metrics is None and self.alive:
-            self.process.send_signal(signal.SIGTERM)
-            out, err = self.process.communicate(timeout=30)
-            assert self.process.returncode == 0, err[-3000:]
-            self.metrics = json.loads(out.strip().splitlines()[-1])["metrics"]
-        return self.metrics or {}
-
-    def kill(self) -> None:
-        if self.alive:
-            self.process.kill()
-            self.process.wait()
-        for stream in (self.process.stdout, self.process.stderr):
-            stream.close()
 
 
 @pytest.fixture(scope="module", params=["tools", "learner"])
@@ -112,71 +66,6 @@ def guarded_side(request) -> Iterator[Listeners]:
     listeners = Listeners(request.param, TOKEN)
     yield listeners
     listeners.kill()
-
-
-# ------------------------------------------------------------------------------------------------ peers
-
-
-def zmq_exchange(endpoint: str, frame: bytes, timeout_ms: int = 5000) -> bytes | None:
-    """Send one frame from a fresh DEALER; the reply frame, or None when none came within the timeout."""
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, timeout_ms)
-    socket.connect(endpoint)
-    try:
-        socket.send(frame)
-        return socket.recv()
-    except zmq.Again:
-        return None
-    finally:
-        socket.close()
-        context.term()
-
-
-def http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body else "GET")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
-INITIALIZE = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {  # opens an MCP session
-    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "security-test", "version": "0"},
-}}).encode()
-
-
-def tool_request(token: str | None = None, **args: Any) -> bytes:
-    return encode(ToolRequest(id="r", tool="text_search", args=args or {"query": "otter"}, deadline_ms=5000,
-                              token=token))
-
-
-def learner_frames(token: str | None = None) -> dict[str, bytes]:
-    return {"trajectories": encode(AdmissionRequest(actor_id="a", request_id=f"r-{token}", token=token)),
-            "weights": encode(WeightQuery(actor_id="a", have_version=5, token=token))}
-
-
-def served(side: Listeners, token: str | None = None) -> None:
-    """Every listener of the side still answers a well-formed request."""
-    assert side.alive
-    if "tool_server" in side.endpoints:
-        reply = decode(zmq_exchange(side.endpoints["tool_server"], tool_request(token)), ToolOutbound)
-        assert isinstance(reply, ToolReply) and reply.ok, reply
-        auth = {"Authorization": f"Bearer {token}"} if token else {}
-        status, body = http(side.endpoints["http"] + "/v1/tools/text_search", b'{"query": "otter"}',
-                            {"Content-Type": "application/json", **auth})
-        assert status == 200 and json.loads(body)["ok"], body
-        status, _ = http(side.endpoints["mcp"], INITIALIZE, {**MCP_HEADERS, **auth})
-        assert status < 400
-    else:
-        frames = learner_frames(token)
-        admission = decode(zmq_exchange(side.endpoints["trajectories"], frames["trajectories"]), LearnerOutbound)
-        assert isinstance(admission, AdmissionReply), admission
-        none = decode(zmq_exchange(side.endpoints["weights"], frames["weights"]), LearnerOutbound)
-        assert isinstance(none, WeightNone), none
 
 
 # ------------------------------------------------------------------------------------------------ loopback
@@ -308,11 +197,6 @@ def test_no_listener_ever_unpickles_a_payload(open_side, tmp_path):
     else:
         assert counted["learner"]["bad_frames"] == 3 and counted["learner"]["weights_bad_frames"] == 3
         assert counted["learner"]["groups_received"] == 1
-
-
-def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """after - before, per listener and counter."""
-    return {side: {k: v - before[side].get(k, 0.0) for k, v in values.items()} for side, values in after.items()}
 
 
 # ------------------------------------------------------------------------------------------------ size limits

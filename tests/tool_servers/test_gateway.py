@@ -82,6 +82,11 @@ def test_http_lists_and_calls_tools(backends):
     ("/v1/tools/image_search", {"image": base64.b64encode(b"GIF89a junk").decode()}, 400, "bad_request"),
     ("/v1/tools/maps", {"query": "x"}, 404, "unknown_tool"),
     ("/v1/tools/text_search", b"{not json", 400, "bad_request"),
+    # each of these was a bare, uncounted 500 until tests/faults/test_fuzz_listeners.py found it
+    ("/v1/tools/text_search", b"[" * 50_000 + b"]" * 50_000, 400, "bad_request"),  # deeper than json recurses
+    ("/v1/tools/text_search", b'{"query": ' + b"9" * 5000 + b"}", 400, "bad_request"),  # over 4,300 digits
+    ("/v1/tools/text_search", {"query": 2**70}, 400, "bad_request"),  # no msgpack int holds it
+    ("/v1/tools/text_search", b'{"query": "\\ud800"}', 400, "bad_request"),  # a lone surrogate: not UTF-8
 ])
 def test_http_errors_keep_their_code(backends, path, body, status, code):
     async def main():
@@ -91,6 +96,36 @@ def test_http_errors_keep_their_code(backends, path, body, status, code):
             answer = await response.json()
             assert response.status == status and answer["ok"] is False and answer["error"]["code"] == code
             assert (await http.post("/v1/tools/text_search", json={"query": "otter"})).status == 200
+            stats = await (await http.get("/v1/stats")).json()
+            counted = {k: v for k, v in stats["gateway"].items() if k.startswith("http_status_") and v}
+            assert counted == {f"http_status_{status}": 1, "http_status_200": 1}, counted  # /v1/stats: counted after
+            assert stats["gateway"]["http_internal_errors"] == 0
+    run(main())
+
+
+def test_a_handler_bug_is_answered_500_and_counted(backends):
+    class Broken(ToolGateway):
+        async def call(self, tool, arguments):
+            raise RuntimeError("a gateway bug")
+
+    async def main():
+        server = ToolServer(backends)
+        endpoint = await server.start()
+        gateway = Broken.from_endpoints({"text_search": [endpoint]}, deadline_s=5.0)
+        servers = await start_gateway(gateway)
+        try:
+            async with aiohttp.ClientSession(servers.http_url) as http:
+                response = await http.post("/v1/tools/text_search", json={"query": "otter"})
+                answer = await response.json()
+                assert response.status == 500 and answer["error"]["code"] == "backend_error"
+                assert (await http.get("/v1/nothing")).status == 404
+            snapshot = gateway.metrics.snapshot()
+            assert snapshot["http_internal_errors"] == 1 and snapshot["http_status_500"] == 1
+            assert snapshot["http_status_404"] == 1 and snapshot["http_requests"] == 2
+        finally:
+            await servers.stop()
+            await gateway.close()
+            await server.stop()
     run(main())
 
 

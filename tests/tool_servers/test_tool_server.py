@@ -336,6 +336,32 @@ def test_stats_count_requests_errors_and_latency(backends):
     run(main())
 
 
+def test_a_frame_whose_handling_fails_is_answered_backend_error_and_counted():
+    """A bug handling one frame (here: a backend whose stats() raises) neither stops the server nor leaves the peer
+    waiting: it gets backend_error with its id, counted in frame_handler_errors; stats replies are counted too."""
+    class BrokenStats(FakeBackend):
+        broken = True
+
+        def stats(self) -> dict[str, float]:
+            if self.broken:
+                raise RuntimeError("stats bug")
+            return {}
+
+    backend = BrokenStats()
+
+    async def main():
+        async with serving({"fake": backend}) as (server, endpoint), raw_peer(endpoint) as peer:
+            reply = await exchange(peer, encode(StatsRequest(id="s1")))
+            assert code_of(reply) == "backend_error" and reply.id == "s1" and "stats bug" in reply.message
+            backend.broken = False
+            assert (await exchange(peer, encode(StatsRequest(id="s2")))).id == "s2"
+            assert code_of(await exchange(peer, request(id="after", tool="fake"))) == "ok"
+            stats = server.stats()
+            assert stats["frame_handler_errors"] == 1 and stats["error_backend_error"] == 1
+            assert stats["stats_replies"] == 1 and stats["replies_ok"] == 1
+    run(main())
+
+
 # ---------------------------------------------------------------- other peers, discovery, health
 
 
