@@ -9,7 +9,7 @@ import threading
 import msgspec
 import zmq
 
-from learner.admission import AdmissionController
+from learner.admission import AdmissionController, IdleClock
 from learner.batch import samples_from_groups
 from learner.config import AlgoConfig, LearnerConfig
 from learner.role import LearnerRank
@@ -32,6 +32,7 @@ def rank0(algo: AlgoConfig) -> LearnerRank:
     rank.algo, rank.learner = algo, LearnerConfig.from_dict({"world_size": 1, "take_timeout_s": 0.1})
     rank.version, rank.trained_count = 0, 0
     rank.metrics, rank._lock, rank._rows, rank._stop = Metrics(), threading.Lock(), [], threading.Event()
+    rank._idle = IdleClock()
     rank.admission = AdmissionController(algo.groups_per_step, algo.max_staleness)
     rank.service = TrajectoryService(rank.admission, metrics=rank.metrics)
     return rank
