@@ -119,7 +119,6 @@ class Audit:
 class _Started:
     actor: str
     request_id: Optional[str]
-    order: int  # position among all started lines of its actor's ledger
 
 
 def audit_run(run_dir: str | Path) -> Audit:
@@ -144,7 +143,7 @@ def audit_run(run_dir: str | Path) -> Audit:
             event, group_id, request_id = line.get("event"), line.get("group_id"), line.get("request_id")
             if event == "started" and group_id:
                 if group_id not in started:
-                    started[group_id] = _Started(actor, request_id, len(started))
+                    started[group_id] = _Started(actor, request_id)
                     if request_id:
                         by_request[(actor, request_id)].append(group_id)
             elif event == "given_up":
@@ -236,7 +235,7 @@ def audit_run(run_dir: str | Path) -> Audit:
             audit.unstarted.append(gid)
             if len(entries) > 1:
                 audit.trained_twice[gid] = [step for _, step in entries]
-    audit.unstarted += [gid for gid in {*drops, *rejected} if gid not in started and gid not in trained]
+    audit.unstarted += sorted(gid for gid in {*drops, *rejected} if gid not in started and gid not in trained)
     return audit
 
 

@@ -10,7 +10,8 @@ writer's fixed fields (an actor's `actor`).
 Each line goes to the file with one `write(2)` on a descriptor opened with O_APPEND: nothing is buffered in the
 process, so a killed writer loses at most the line it was writing (a reader skips a torn last line), a restarted
 or resumed one appends to the same file, and lines of concurrent threads never interleave. No fsync: a line costs
-one small system call. A ledger that cannot be written (full disk) logs the error once and goes on: it records
+one small system call (measured: ~16 µs and ~190 bytes a line on the shared 2-core box; a group makes 3-4 actor
+lines and 2 learner lines). A ledger that cannot be written (full disk) logs the error once and goes on: it records
 the run, it does not steer it.
 """
 from __future__ import annotations
