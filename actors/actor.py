@@ -29,6 +29,7 @@ from actors.spool import Grant, GroupSpool
 from actors.transport import LearnerLink
 from actors.weights import WeightApplier, WeightPoller
 from episode.tokenizer import EpisodeTokenizer
+from protocol.ledger import Ledger, actor_ledger_path
 from protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class RolloutActor:
         self._run_done: asyncio.Event | None = None
         self._run_started: float | None = None
         self._eval_sets: dict[tuple[str | None, int | None], list[Question]] = {}
+        self._ledger = Ledger(None)
 
     @property
     def engine(self) -> Any:
@@ -79,6 +81,9 @@ class RolloutActor:
         self._questions = {q.id: q for q in playable}
         self._order = QuestionOrder(playable, seed=self.seed)
         self._spool = GroupSpool(self.actor_dir / "spool", cfg.spool_max_groups, self._metrics)
+        # What became of each group, one line per event (launcher/audit.py); a restarted process appends.
+        self._ledger = Ledger(actor_ledger_path(self.run_dir, self.actor_id), actor=self.actor_id)
+        self._ledger.write("open")
         self._weights = WeightApplier(self.actor_dir / "weights", cfg.engine.dtype, self._metrics)
         weight_dir = self.actor_dir / "weights"
         for stale in [*weight_dir.glob("v*"), *weight_dir.glob(".v*.tmp")]:  # a previous incarnation's: never reloaded
@@ -93,9 +98,10 @@ class RolloutActor:
         self._poller = WeightPoller(self.actor_id, self._slot, self.link, self._weights, cfg.weight_poll_s,
                                     self._metrics, on_fatal=lambda exc: self._stopping.set())
         player = GroupPlayer(self.actor_id, self.seed, cfg, self._slot, self.tokenizer, self.tools, self._spool,
-                             self._metrics, self._poller.reach_version, self._release_grant)
+                             self._metrics, self._poller.reach_version, self._release_grant, self._ledger)
         self._admissions = AdmissionLoop(self.actor_id, cfg, self.link, self._spool, player, self._order.next,
-                                         self._questions, self._metrics, self._stopping, lambda: self._poller.fatal)
+                                         self._questions, self._metrics, self._stopping, lambda: self._poller.fatal,
+                                         self._ledger)
         log.info("%s ready: %s, tools %s, learner %s", self.actor_id, self.model_path, sorted(self.tools),
                  self.learner_endpoints)
 
@@ -174,6 +180,7 @@ class RolloutActor:
             await self._slot.close()
         if self._weights is not None:
             self._weights.clear()
+        self._ledger.close()
         log.info("%s stopped", self.actor_id)
 
     def metrics(self) -> dict[str, float]:
@@ -235,6 +242,6 @@ class RolloutActor:
                         failed, mode, len(rows))
         return {"mode": mode, "version": version, "seconds": seconds, "samples": rows, "tool_failed": failed}
 
-    async def _release_grant(self, grant: Grant, reason: str) -> None:
+    async def _release_grant(self, grant: Grant, reason: str, group_id: str | None = None) -> None:
         assert self._admissions is not None
-        await self._admissions.release_grant(grant, reason)
+        await self._admissions.release_grant(grant, reason, group_id)

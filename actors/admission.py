@@ -17,6 +17,7 @@ from actors.groups import GroupPlayer
 from actors.spool import Grant, GroupSpool
 from actors.transport import LearnerLink, TransportClosed
 from protocol import TrajectoryGroup, encode
+from protocol.ledger import Ledger
 from protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -25,14 +26,17 @@ log = logging.getLogger(__name__)
 class AdmissionLoop:
     """Asks for admissions and ships groups until `stopping` is set or the learner says it is stopping.
     `next_question()` picks each admitted group's question; `questions` finds a spooled grant's question by id;
-    `weights_failed()` is the error that stopped weight updates, if any (run() then fails with it)."""
+    `weights_failed()` is the error that stopped weight updates, if any (run() then fails with it). `ledger` gets
+    a line per group sent, acked or given up and per admission released (protocol/ledger.py)."""
 
     def __init__(self, actor_id: str, cfg: ActorConfig, link: LearnerLink, spool: GroupSpool, player: GroupPlayer,
                  next_question: Callable[[], Question], questions: dict[str, Question], metrics: Metrics,
-                 stopping: asyncio.Event, weights_failed: Callable[[], BaseException | None]) -> None:
+                 stopping: asyncio.Event, weights_failed: Callable[[], BaseException | None],
+                 ledger: Ledger | None = None) -> None:
         self.actor_id, self.cfg, self.link, self.spool, self.player = actor_id, cfg, link, spool, player
         self.next_question, self.questions, self.metrics = next_question, questions, metrics
         self.stopping, self.weights_failed = stopping, weights_failed
+        self.ledger = ledger or Ledger(None)
 
     async def run(self) -> None:
         """Each group holds a spool slot from before its admission until its ack: with `spool_max_groups` groups
@@ -70,10 +74,12 @@ class AdmissionLoop:
             log.warning("%s: learner link closed during stop; %d group(s) stay in the spool for the next start",
                         self.actor_id, self.spool.count())
 
-    async def release_grant(self, grant: Grant, reason: str) -> None:
-        """Give back the admission of a group that cannot be played (the learner frees its slot)."""
+    async def release_grant(self, grant: Grant, reason: str, group_id: str | None = None) -> None:
+        """Give back the admission of a group that cannot be played (the learner frees its slot); `group_id`: the
+        group this process started for it, if any (the ledger's `given_up` line names it)."""
         self.spool.drop_grant(grant.request_id)
         self.metrics.inc("admissions_released")
+        self.ledger.write("given_up", group_id=group_id, request_id=grant.request_id, reason=reason[:500])
         await self.link.release_admission(grant.request_id, reason)
 
     async def _take_slots(self, group_slots: asyncio.Semaphore) -> bool:
@@ -106,7 +112,10 @@ class AdmissionLoop:
             self.metrics.inc("spool_discarded", self.spool.discard_leftovers())
             log.warning("%s: discarded %d leftover group(s) and %d grant(s) (spool_resume=false); their admissions "
                         "are given back", self.actor_id, len(groups), len(grants))
+            for group in groups:
+                self.ledger.write("given_up", group_id=group.group_id, request_id=None, reason="spool_resume=false")
             for grant in grants:
+                self.ledger.write("given_up", group_id=None, request_id=grant.request_id, reason="spool_resume=false")
                 tasks.append(asyncio.create_task(self._release_unanswered(grant.request_id, "spool_resume=false")))
             return tasks
         log.info("%s: resending %d spooled group(s), re-playing %d admitted group(s)", self.actor_id, len(groups),
@@ -129,6 +138,7 @@ class AdmissionLoop:
         await self.link.release_admission(request_id, reason)
         self.spool.drop_request(request_id)
         self.metrics.inc("spool_admissions_released")
+        self.ledger.write("released", request_id=request_id, reason=reason)
         log.warning("%s: released admission %s (%s)", self.actor_id, request_id, reason)
 
     async def _admitted_group(self, grant: Grant, question: Question, group_slots: asyncio.Semaphore,
@@ -155,7 +165,10 @@ class AdmissionLoop:
 
     async def _ship(self, group: TrajectoryGroup, frame: bytes) -> None:
         """Send until acked (the learner may restart meanwhile), then forget the spooled copy."""
+        self.ledger.write("sent", group_id=group.group_id)
         ack = await self.link.send_group(group, frame)
+        self.ledger.write("acked", group_id=group.group_id, accepted=ack.accepted, duplicate=ack.duplicate,
+                          **({} if ack.accepted else {"message": ack.message[:500]}))
         self.spool.remove(group.group_id)
         if not ack.accepted:  # the learner freed its admission slot; the group is not retried
             log.warning("%s: learner rejected group %s: %s", self.actor_id, group.group_id, ack.message)

@@ -19,6 +19,7 @@ from actors.reward import compute_reward
 from actors.spool import Grant, GroupSpool
 from episode.tokenizer import EpisodeTokenizer
 from protocol import TrajectoryGroup, encode
+from protocol.ledger import Ledger
 from protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -37,17 +38,19 @@ def first_error(exc: BaseException) -> BaseException:
 
 class GroupPlayer:
     """Plays admitted groups for actor `actor_id` (seeded by `seed`) on the engine of `slot`. `reach_version(v)`
-    waits for the engine to run the version a group was granted at; `release_grant(grant, reason)` gives an
-    admission back when its group cannot be played."""
+    waits for the engine to run the version a group was granted at; `release_grant(grant, reason, group_id)` gives
+    an admission back when its group cannot be played. `ledger` gets a `started` line per group (with its
+    admission's request id and granted version)."""
 
     def __init__(self, actor_id: str, seed: int, cfg: ActorConfig, slot: EngineSlot, tokenizer: EpisodeTokenizer,
                  tools: Mapping[str, ToolCaller], spool: GroupSpool, metrics: Metrics,
                  reach_version: Callable[[int], Awaitable[None]],
-                 release_grant: Callable[[Grant, str], Awaitable[None]]) -> None:
+                 release_grant: Callable[[Grant, str, str], Awaitable[None]], ledger: Ledger | None = None) -> None:
         self.actor_id, self.seed, self.cfg = actor_id, seed, cfg
         self.slot, self.tokenizer, self.tools, self.spool = slot, tokenizer, tools, spool
         self.metrics = metrics
         self.reach_version, self.release_grant = reach_version, release_grant
+        self.ledger = ledger or Ledger(None)
         self._episode_slots = asyncio.Semaphore(cfg.max_concurrency)
         self._groups_started = 0
 
@@ -59,6 +62,8 @@ class GroupPlayer:
         index = self._groups_started
         self._groups_started += 1
         group_id = f"{self.actor_id}-{index}-{uuid.uuid4().hex[:8]}"
+        self.ledger.write("started", group_id=group_id, request_id=grant.request_id, question_id=grant.question_id,
+                          version=grant.version)
         await self.reach_version(grant.version)
         started = time.perf_counter()
         for attempt in range(cfg.group_attempts):
@@ -80,7 +85,7 @@ class GroupPlayer:
                                           f"last error: {exc!r}") from exc
                     await slot.recover(generation, exc)
                 except BaseException:
-                    await self.release_grant(grant, f"group {group_id} failed: {exc!r}")
+                    await self.release_grant(grant, f"group {group_id} failed: {exc!r}", group_id)
                     raise
                 self.metrics.inc("group_reruns")
         group = self._make_group(group_id, question, [t.result() for t in tasks])

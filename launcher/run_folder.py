@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.logs import LOG_DIR, STAGES
+from protocol.ledger import LEARNER_LEDGER, LEDGER_DIR
 
 log = logging.getLogger(__name__)
 stage = logging.getLogger(STAGES)
@@ -22,12 +23,14 @@ RUN_MODEL_FILE = "model.json"  # {"model_path": the model the run trained from (
 
 def prepare_run_dir(cfg: DictConfig) -> Path:
     """Resolve every path of `cfg` (Ray workers do not share our working directory), default the learner's
-    checkpoint folder into the run folder, create it and write config.yaml."""
+    checkpoint folder and group ledger into the run folder, create it and write config.yaml."""
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
     cfg.run.cache_dir = str(Path(cfg.run.cache_dir).resolve())
     run_dir = Path(cfg.run.out_dir)
     if not cfg.learner.checkpoint_dir:  # the learner checkpoints at the end (and on Ctrl-C) into the run folder
         cfg.learner.checkpoint_dir = str(run_dir / "checkpoints")
+    if not cfg.learner.get("ledger"):  # rank 0's group ledger beside the actors' (launcher/audit.py reads them)
+        cfg.learner.ledger = str(run_dir / LEDGER_DIR / LEARNER_LEDGER)
     for key in ("path", "image_root"):
         if cfg.data.get(key):
             cfg.data[key] = str(Path(cfg.data[key]).resolve())

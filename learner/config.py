@@ -135,6 +135,7 @@ class LearnerConfig:
     checkpoint_keep: int = 2
     resume_from: Optional[str] = None
     journal: bool = True  # with checkpoint_dir: every acked group on disk until a checkpoint holds it (crash-safe)
+    ledger: Optional[str] = None  # rank 0's group ledger file (JSON lines, protocol/ledger.py); None = none
     ref_model_path: Optional[str] = None
     # processes
     threads: int = 1

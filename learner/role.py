@@ -45,6 +45,7 @@ from learner.trainer import BatchError, Trainer
 from learner.weight_transport import WeightPublisher
 from learner.weights import ZmqWeightPublisher, gather_full_state_dict, make_publisher, to_checkpoint_names
 from protocol import TrajectoryGroup
+from protocol.ledger import Ledger
 from protocol.metrics import Metrics
 from protocol.sockets import is_loopback_endpoint, token_from_env
 
@@ -63,6 +64,8 @@ _COUNTERS = ("groups_received", "groups_duplicate", "groups_rejected", "groups_r
 
 class LearnerRank:
     """One rank of the learner world. `cfg` = {"learner": {...}, "algo": {...}} (see conf/learner, conf/algo)."""
+
+    _ledger: Ledger = Ledger(None)  # rank 0's group ledger (learner.ledger); other ranks write none
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
                  cfg: dict[str, Any], *, token: Optional[str] = None) -> None:
@@ -107,6 +110,10 @@ class LearnerRank:
         self.publisher: Optional[WeightPublisher] = None
         self._endpoint: Optional[ZmqWeightPublisher] = None
         if rank == 0:
+            self._ledger = Ledger(self.learner.ledger)
+            # Before the endpoints serve: a reader rolls back what the previous process did after this version.
+            self._ledger.write("open", version=self.version, resumed_from=str(resume) if resume else None,
+                               restored=[g.group_id for g in restore[0]] if restore else [])
             endpoint = f"tcp://{self.learner.bind_host}:*"
             allow_remote = self.learner.bind_host not in ("127.0.0.1", "localhost", "::1")
             self.admission = AdmissionController(self.algo.groups_per_step, self.algo.max_staleness)
@@ -117,7 +124,7 @@ class LearnerRank:
                 journal = GroupJournal(os.path.join(self.learner.checkpoint_dir, "journal"))
             self.service = TrajectoryService(self.admission, self._validate, self.metrics, endpoint, allow_remote,
                                              restore=restore, version=self.version, journal=journal,
-                                             replay_after=replay_after, token=token)
+                                             replay_after=replay_after, token=token, ledger=self._ledger)
             self._endpoint = ZmqWeightPublisher(endpoint, self.learner.weight_bucket_mb, self.learner.publish_dtype,
                                                 self.metrics, allow_remote, token=token)
             self.publisher = make_publisher(
@@ -220,6 +227,9 @@ class LearnerRank:
         except BatchError as exc:  # raised on every rank alike, so all ranks skip this batch together
             log.error("skipping a batch of groups %s: %s", [g.group_id for g in groups], exc)
             self.metrics.inc("batches_skipped")
+            for group in groups:
+                self._ledger.write("dropped", group_id=group.group_id, actor=group.actor_id, reason="batch_skipped",
+                                   version=self.version)
             return True
         self.version += 1
         self.trained_count += len(groups)
@@ -228,6 +238,9 @@ class LearnerRank:
         if self.rank == 0:
             with self._lock:
                 self._trained_ids.extend(g.group_id for g in groups)
+            for group in groups:  # before any checkpoint of this step: a line never lags the state it describes
+                self._ledger.write("trained", group_id=group.group_id, actor=group.actor_id, version=updated,
+                                   step=self.version)
             train["seq_tokens"] = float(sum(s.num_tokens for s in samples))
             train["loss_trajectories"] = float(len(samples))  # = trajectories − tool_failed_masked
             train["broadcast_s"] = broadcast_s
@@ -261,8 +274,10 @@ class LearnerRank:
                 raise
             if dropped:
                 self.metrics.inc("stale_groups_dropped", len(dropped))
-                for _ in dropped:
+                for group in dropped:
                     self.admission.on_group_dropped()
+                    self._ledger.write("dropped", group_id=group.group_id, actor=group.actor_id, reason="stale",
+                                       version=self.version)
                 log.warning("dropped %d group(s) beyond max_staleness=%d at version %d: %s", len(dropped),
                             self.algo.max_staleness, self.version, [g.group_id for g in dropped])
             elif stale:
@@ -273,8 +288,10 @@ class LearnerRank:
             keep, outage = split_tool_failed(keep)
             if outage:
                 self.metrics.inc("tool_failed_groups_dropped", len(outage))
-                for _ in outage:
+                for group in outage:
                     self.admission.on_group_dropped()
+                    self._ledger.write("dropped", group_id=group.group_id, actor=group.actor_id, reason="tool_failed",
+                                       version=self.version)
                 log.warning("dropped %d group(s) whose episodes a tool outage cut short (fewer than %d left): %s",
                             len(outage), MIN_SCORED_EPISODES, [g.group_id for g in outage])
             chosen += keep
@@ -327,6 +344,8 @@ class LearnerRank:
         path = self.trainer.save(self.learner.checkpoint_dir, self.version, state, blob, self.learner.checkpoint_keep)
         if self.service is not None and state is not None:
             self.service.checkpointed(state.journal_seq)  # the checkpoint is complete (renamed): entries can go
+            self._ledger.write("checkpoint", version=self.version, final=final, path=str(path),
+                               buffered=[g.group_id for g in groups])
         self.metrics.inc("checkpoints_written")
         self.metrics.observe("checkpoint_s", time.perf_counter() - start)
         if self.rank == 0:
@@ -377,6 +396,7 @@ class LearnerRank:
             self.service.close()
         if self.publisher is not None:
             self.publisher.close()
+        self._ledger.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -32,6 +32,7 @@ from protocol import (
     encode,
 )
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
+from protocol.ledger import Ledger
 from protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,15 @@ class TrajectoryService:
         replay_after: Optional[int] = None,
         token: Optional[str] = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        ledger: Optional[Ledger] = None,
     ) -> None:
         """`restore` = (untrained groups, remembered ids) from a checkpoint: put in front of the buffer and
         remembered before the endpoint serves, so a resent copy of a checkpointed group is acked as a duplicate
         (and the groups are not acked again). `journal`: every accepted group is appended before its ack;
         `replay_after` = the sequence number the checkpoint covers: newer entries are replayed after the restored
         groups (None: a fresh start, the journal's old entries are discarded). `token`: the shared secret every message
-        must carry (required to bind beyond loopback). Frames over `max_frame_bytes` are never read."""
+        must carry (required to bind beyond loopback). Frames over `max_frame_bytes` are never read. `ledger`: the
+        group ledger (protocol/ledger.py) gets a line per group accepted, replayed, rejected or received again."""
         self.admission = admission
         self.metrics = metrics or Metrics()
         self._validate = validate
@@ -79,6 +82,7 @@ class TrajectoryService:
         self._stopping = False
         self._intake_open = True
         self._journal = journal
+        self._ledger = ledger or Ledger(None)
         if restore is not None:
             self._restore(*restore)
         if journal is not None:
@@ -166,6 +170,7 @@ class TrajectoryService:
                 self._seen[group.group_id] = None
                 self._buffer.append(group)
                 self.admission.on_group_received()  # accepted anew: counted like any group without a grant
+                self._ledger.write("replayed", group_id=group.group_id, actor=group.actor_id, seq=seq)
                 replayed += 1
             self._cond.notify_all()
         self.metrics.inc("journal_replayed", replayed)
@@ -269,6 +274,7 @@ class TrajectoryService:
                               message="learner is shutting down: keep the group and resend it after the restart")
         if duplicate:
             self.metrics.inc("groups_duplicate")
+            self._ledger.write("duplicate", group_id=group.group_id, actor=group.actor_id)
             return GroupAck(group_id=group.group_id, accepted=True, duplicate=True)
         if self._validate is not None:
             try:
@@ -276,6 +282,7 @@ class TrajectoryService:
             except ValueError as exc:
                 self.metrics.inc("groups_rejected")
                 self.admission.on_group_lost()
+                self._ledger.write("rejected", group_id=group.group_id, actor=group.actor_id, reason=str(exc)[:500])
                 log.warning("rejected group %s from %s: %s", group.group_id, group.actor_id, exc)
                 return GroupAck(group_id=group.group_id, accepted=False, message=str(exc))
         if group.token is not None:  # the shared secret stays off the disk (journal, checkpoints)
@@ -298,6 +305,7 @@ class TrajectoryService:
                 self._seen.popitem(last=False)
             self._buffer.append(group)
             self.admission.on_group_received()  # under the lock, so a snapshot sees buffer and counters agree
+            self._ledger.write("accepted", group_id=group.group_id, actor=group.actor_id, version=version)
             self._cond.notify_all()
         self.metrics.inc("groups_received")
         self.metrics.inc("trajectories_received", len(group.trajectories))

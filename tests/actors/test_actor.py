@@ -3,6 +3,7 @@ seeded question order, groups of G acked trajectories with rewards, in-place wei
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,17 @@ def test_group_failing_every_attempt_fails_run_and_releases_its_admission(tmp_pa
     assert metrics["actor_admissions_released"] == 1 and "actor_engine_restarts" not in metrics  # it never died
     assert len(state["releases"]) == 1 and not state["groups"]  # nothing partial was shipped
     assert not list((tmp_path / "run").rglob("grants/*.json"))  # the released grant is forgotten
+    # The ledger says the group was given up, with the admission and the reason (launcher/audit.py: dropped)
+    started, given_up = [line for line in _ledger(tmp_path) if line["event"] in ("started", "given_up")]
+    assert (given_up["group_id"], given_up["request_id"]) == (started["group_id"], started["request_id"])
+    assert "engine died" in given_up["reason"] and given_up["actor"] == "a0"
+    assert given_up["request_id"] == state["releases"][0].request_id
+
+
+def _ledger(tmp_path, actor_id="a0") -> list[dict]:
+    """The actor's group ledger lines (<run>/ledger/<actor_id>.jsonl)."""
+    path = tmp_path / "run" / "ledger" / f"{actor_id}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 class CrashingEngine(AnsweringEngine):
@@ -448,6 +460,21 @@ def test_unacked_groups_and_grants_survive_an_actor_restart(tmp_path):
     assert [r.request_id for r in state["releases"]] == ["asked-req"]
     assert not list(spool.rglob("*.msgpack")) and not list(spool.rglob("grants/*.json"))
     assert not list((spool / "requests").iterdir())
+    # The ledger of both lives: two processes (open), two groups started and sent by the first, never acked; the
+    # second resent them and re-played the leftover grant under a new group id, and released the unanswered request.
+    lines = _ledger(tmp_path)
+    pids = [line["pid"] for line in lines if line["event"] == "open"]
+    assert len(pids) == 2  # one process here, two lives: each start() opens
+    first, second = (lines[:[i for i, x in enumerate(lines) if x["event"] == "open"][1]],
+                     lines[[i for i, x in enumerate(lines) if x["event"] == "open"][1]:])
+    assert sorted(x["group_id"] for x in first if x["event"] == "started") == left
+    assert sorted(x["group_id"] for x in first if x["event"] == "sent") == left
+    assert not [x for x in first if x["event"] == "acked"]
+    [replay] = [x for x in second if x["event"] == "started"]
+    assert replay["request_id"] == "lost-req" and replay["question_id"] == "q1" and replay["version"] == 0
+    assert {x["group_id"] for x in second if x["event"] == "acked" and x["accepted"]} == set(delivered)
+    assert [(x["request_id"], x["event"]) for x in second if "request_id" in x and x["event"] != "started"] == [
+        ("asked-req", "released")]
 
 
 def test_questions_that_cannot_fit_are_skipped_before_admission(tmp_path, tiny_model_dir):

@@ -1,6 +1,7 @@
 """A rollout actor's process killed with SIGKILL mid-run (as the OOM killer or a segfault would end it): Ray restarts
 it, the launcher's supervisor starts and runs it again, its spool re-plays (and resends) what the dead process left, and
-the run reaches max_steps with nothing lost and nothing left behind.
+the run reaches max_steps with nothing lost and nothing left behind, as the group ledger's audit (launcher/audit.py)
+confirms group by group.
 
 One actor and max_staleness 0: after step 1 the learner grants exactly the two groups of step 2, and the actor is
 killed while it plays them. No further admission fits until step 2 is trained, so step 2 can only be trained from
@@ -18,6 +19,8 @@ import psutil
 import pytest
 
 from test_launch import NO_REPORT, QUICK_STOP, LaunchWatch
+
+from launcher.audit import audit_run
 
 STEPS = 2
 
@@ -124,6 +127,16 @@ def test_a_killed_rollout_actor_is_restarted_and_the_run_loses_nothing(tmp_path)
     grants_left, groups_left = _spool(run.out)
     unseen = grants_left + [g for g in groups_left if g.stem not in seen]
     assert len(unseen) >= state["admission"]["running"], (state["admission"], grants_left, groups_left)
+
+    # Group by group (the ledger): every group started was trained exactly once, or is pending where it waits (the
+    # final checkpoint's buffer, the spool); the groups the dead process was playing were re-played under new ids
+    # (regenerated), and none was lost or trained twice.
+    audit = audit_run(run.out)
+    print(audit.text())
+    assert audit.clean, audit.text()
+    assert audit.trained == 2 * STEPS and not audit.dropped, audit.text()
+    # (a grant whose play had not begun when the process died has no started group to regenerate: hence <=)
+    assert len(audit.regenerated) <= len(grants), (audit.text(), grants)
 
     roles = json.loads((run.out / "roles.json").read_text())
     [actor] = roles["actors"]

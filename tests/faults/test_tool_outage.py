@@ -33,6 +33,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # LaunchWatch lives beside the e2e tests
 from test_launch import NO_REPORT, QUICK_STOP, LaunchWatch  # noqa: E402
 
+from launcher.audit import audit_run  # noqa: E402
 from launcher.run_folder import rl_rows  # noqa: E402
 
 STEPS = 20
@@ -129,6 +130,13 @@ def test_an_outage_of_every_image_search_replica_is_kept_out_of_the_loss_and_tra
     print(f"tool_failed episodes: {last['tool_failed_episodes']:.0f} (learner), "
           f"{last.get('actor_tool_failed_episodes', 0):.0f} (actors); groups dropped: {dropped:.0f}; "
           f"left out of trained groups: {masked:.0f}")
+    # Group by group (launcher/audit.py): none lost or trained twice; the ledger agrees with the counters.
+    audit = audit_run(run.out)
+    print(audit.text())
+    assert audit.clean, audit.text()
+    assert audit.trained == last["trained_groups"] == sum(r["groups"] for r in rows), audit.text()
+    assert len(audit.dropped.get("tool_failed", [])) == dropped, audit.text()
+    assert set(audit.dropped) <= {"tool_failed"}, audit.text()  # stale groups are trained here
     # Training went on once the tool was back.
     assert after and after[-1] == STEPS, f"no step was trained after the outage ({after})"
     assert last.get(f"tool_{TOOL}_replicas") == len(replicas), last  # answering its stats again

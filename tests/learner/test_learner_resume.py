@@ -139,13 +139,19 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tiny_vlm, tmp_path) -> Non
 @pytest.mark.slow
 def test_a_killed_learner_resumes_from_its_checkpoint_and_journal_losing_no_acked_group(tiny_vlm, tmp_path) -> None:
     """SIGKILL both ranks (no final checkpoint) after step 3; the checkpoint is at step 2. The groups acked after it
-    — trained in step 3 (their effect died with the processes) or waiting — come back from the journal."""
+    — trained in step 3 (their effect died with the processes) or waiting — come back from the journal, and the
+    version sequence is an uninterrupted run's: g0 g1 → v1, g2 g3 → v2, g4 g5 (in flight at the kill) → v3, g6 g7 →
+    v4, as rank 0's group ledger shows once the killed process's step 3 is rolled back (launcher/audit.py)."""
     import time
+
+    from launcher.audit import audit_run
 
     path, ids = tiny_vlm
     groups = [make_group(f"g{i}", ids, seed=i, version=0 if i < 4 else 2) for i in range(8)]  # within staleness
     ckpt = tmp_path / "ckpt"
-    d = World(path, config(10, checkpoint_dir=str(ckpt), checkpoint_every=2), str(tmp_path / "d.safetensors"))
+    ledger = str(tmp_path / "ledger" / "learner.jsonl")
+    d = World(path, config(10, checkpoint_dir=str(ckpt), checkpoint_every=2, ledger=ledger),
+              str(tmp_path / "d.safetensors"))
     try:
         assert all(ack.accepted for ack in d.send(*groups[:4]))
         d.go.set()
@@ -165,7 +171,8 @@ def test_a_killed_learner_resumes_from_its_checkpoint_and_journal_losing_no_acke
     assert [p.name for p in list_checkpoints(ckpt)] == ["step_00000002"]
     assert len(list((ckpt / "journal").glob("*.msgpack"))) == 3
 
-    e = World(path, config(2, checkpoint_dir=str(ckpt), resume_from="latest"), str(tmp_path / "e.safetensors"))
+    e = World(path, config(2, checkpoint_dir=str(ckpt), resume_from="latest", ledger=ledger),
+              str(tmp_path / "e.safetensors"))
     try:
         assert e.version == 2
         resent = e.send(groups[1], groups[5], groups[7])  # trained before the checkpoint / journaled / new
@@ -177,4 +184,9 @@ def test_a_killed_learner_resumes_from_its_checkpoint_and_journal_losing_no_acke
         e.close()
     assert done["version"] == 4 and done["trained"] == ["g4", "g5", "g6", "g7"]  # none lost, g4/g5 retrained once
     assert done["rows"][0]["journal_replayed"] == 3
+    assert [r["policy_version"] for r in done["rows"]] == [3, 4]
+    # The same version sequence as an uninterrupted run, across the kill, with nothing trained twice.
+    audit = audit_run(tmp_path)
+    assert audit.trained_by_step == {1: ["g0", "g1"], 2: ["g2", "g3"], 3: ["g4", "g5"], 4: ["g6", "g7"]}, audit.text()
+    assert audit.learner_opens == 2 and audit.rolled_back == 2 and not audit.trained_twice  # d's step 3 undone
     assert not list((ckpt / "journal").glob("*.msgpack"))  # the final checkpoint holds everything

@@ -4,6 +4,7 @@ trained without their flagged episodes, and the metrics row says how many were l
 loss. (The masking itself: test_learner_batch.py; zero gradient: test_learner_trainer.py.)"""
 from __future__ import annotations
 
+import json
 import threading
 
 import msgspec
@@ -16,6 +17,7 @@ from learner.role import LearnerRank
 from learner.service import TrajectoryService
 from learner_worlds import make_group
 from protocol import AdmissionRequest, GroupAck, LearnerOutbound, TrajectoryGroup, decode, encode
+from protocol.ledger import Ledger
 from protocol.metrics import Metrics
 
 
@@ -25,22 +27,25 @@ def flag(group: TrajectoryGroup, *positions: int) -> TrajectoryGroup:
     return msgspec.structs.replace(group, trajectories=trajectories)
 
 
-def rank0(algo: AlgoConfig) -> LearnerRank:
+def rank0(algo: AlgoConfig, ledger: Ledger | None = None) -> LearnerRank:
     """Rank 0's intake and bookkeeping without a model or a process group (the step's collectives are not needed
     to take groups and record a row)."""
     rank = LearnerRank.__new__(LearnerRank)
     rank.algo, rank.learner = algo, LearnerConfig.from_dict({"world_size": 1, "take_timeout_s": 0.1})
     rank.version, rank.trained_count = 0, 0
     rank.metrics, rank._lock, rank._rows, rank._stop = Metrics(), threading.Lock(), [], threading.Event()
-    rank.admission, rank._idle = AdmissionController(algo.groups_per_step, algo.max_staleness), IdleClock()
-    rank.service = TrajectoryService(rank.admission, metrics=rank.metrics)
+    rank._idle = IdleClock()
+    rank.admission = AdmissionController(algo.groups_per_step, algo.max_staleness)
+    if ledger is not None:
+        rank._ledger = ledger
+    rank.service = TrajectoryService(rank.admission, metrics=rank.metrics, ledger=ledger)
     return rank
 
 
-def test_an_outage_group_is_dropped_counted_and_its_slot_given_back(tiny_vlm) -> None:
+def test_an_outage_group_is_dropped_counted_and_its_slot_given_back(tiny_vlm, tmp_path) -> None:
     ids = tiny_vlm[1]
     algo = AlgoConfig.from_dict({"group_size": 4, "groups_per_step": 2, "max_staleness": 0})
-    rank = rank0(algo)
+    rank = rank0(algo, Ledger(tmp_path / "learner.jsonl"))
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -86,6 +91,11 @@ def test_an_outage_group_is_dropped_counted_and_its_slot_given_back(tiny_vlm) ->
         assert (row["trajectories"], row["tool_failed_masked"], row["loss_trajectories"]) == (8, 1, 7)
         assert (row["tool_failed_episodes"], row["tool_failed_groups_dropped"]) == (4, 1)
         assert row["reward_mean"] == 3 / 7  # (1 + 0 + 0) + (0 + 1 + 1 + 0) over the seven that count
+        # The group ledger (launcher/audit.py) says what became of each: accepted, and the outage's group dropped.
+        lines = [json.loads(line) for line in (tmp_path / "learner.jsonl").read_text().splitlines()]
+        assert [(line["event"], line["group_id"]) for line in lines] == [
+            ("accepted", "down"), ("accepted", "half"), ("dropped", "down"), ("accepted", "clean")]
+        assert lines[2]["reason"] == "tool_failed" and lines[2]["version"] == 0
     finally:
         dealer.close()
         context.term()
