@@ -10,8 +10,9 @@ replica disconnected, every call meets no live replica and fails at its deadline
 failure); once resumed, the clients reconnect on their own. Only processes this launch started are signalled (their
 pids from the run folder's roles.json, checked against launch.py's process tree).
 
-The smoke policy searches in ~10% of its episodes, so the outage hardly slows training (steps take 1-3 s once the
-actor runs): it ends on evidence rather than after a fixed time, STEPS leaves room after it, and the steps trained
+The smoke policy searches in ~10% of its episodes, and at an lr of FROZEN_LR it keeps doing so for the whole run, so
+every step during the outage waits for its cut episodes' deadline (3 s) while steps before and after it take ~0.4-3
+s: it ends on evidence rather than after a fixed time, STEPS leaves room after it, and the steps trained
 after it are read from the learner's log (its metrics rows reach metrics.jsonl late while the launcher's stats
 call waits for the paused replica). Measured on 2 shared cores: 2 min with the smoke warm start cached, 4.5-5 min
 on a busy box or when this launch builds it (most of it start-up).
@@ -36,7 +37,10 @@ from test_launch import NO_REPORT, QUICK_STOP, LaunchWatch  # noqa: E402
 from launcher.audit import audit_run  # noqa: E402
 from launcher.run_folder import rl_rows  # noqa: E402
 
-STEPS = 20
+STEPS = 30
+FROZEN_LR = 1e-9  # the policy keeps the warm start's searching: at the default lr it can stop image-searching within
+                  # a step or two, and then the outage cuts nothing and no longer slows the steps, so the whole run
+                  # could finish inside it (seen at load 5-18 on 2 cores)
 GROUP_SIZE = 8
 TOOL = "image_search"
 MIN_OUTAGE_S = 10.0  # beyond ZMQ's 5 s heartbeat: the replica is seen down, not only slow
@@ -86,7 +90,8 @@ def test_an_outage_of_every_image_search_replica_is_kept_out_of_the_loss_and_tra
 
     run = LaunchWatch(tmp_path / "run", f"run.max_steps={STEPS}", "actors.num_actors=1", "learner.world_size=1",
                       f"algo.group_size={GROUP_SIZE}", "actors.episode.tool_deadline_s=3", QUICK_STOP, NO_REPORT,
-                      "algo.stale_policy=train")  # a stale group is trained, not dropped: its cut episodes meet the mask
+                      "algo.stale_policy=train",  # a stale group is trained, not dropped: its cut episodes meet the mask
+                      f"learner.lr={FROZEN_LR}")
     paused: list[int] = []
     try:
         run.wait(until=lambda: (run.out / "roles.json").exists() and len(_training_rows(run)) >= 1)
