@@ -174,8 +174,11 @@ def test_scaled_async_run_places_every_role_and_writes_every_sink(scaled_run):
         assert row["rollout_tokens_per_s"] > 0 and row["rollout_groups_per_s"] > 0
     assert [r["policy_version"] for r in rows] == [1, 2]
     assert rows[-1]["actor_policy_version_max"] >= 1 and rows[-1]["actor_weight_updates"] >= 1, rows[-1]
-    assert sum(r["image_searches"] + r["text_searches"] for r in rows) > 0, "no tool call was answered"
+    # The replicas served over their sockets (the search-path check and any policy search); whether the smoke policy
+    # itself searches in these 16 episodes is up to its sampling (~5-25% of episodes; one fresh-clone run made none),
+    # but every search it made was answered.
     assert sum(r["tool_image_search_requests"] + r["tool_text_search_requests"] for r in rows) > 0
+    assert sum(r["tool_errors"] for r in rows) == 0, [r["tool_errors"] for r in rows]
 
     roles = json.loads((run.out / "roles.json").read_text())
     assert len(roles["actors"]) == 2 and len({a["pid"] for a in roles["actors"]}) == 2
