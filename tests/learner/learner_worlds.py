@@ -107,13 +107,13 @@ class Dealer:
     """A test's DEALER to one learner endpoint: `ask` sends a frame and returns the decoded replies (all buckets of a
     version for a weights query)."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, timeout_ms: int = 30_000) -> None:
         import zmq
 
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.RCVTIMEO, 30_000)
+        self.socket.setsockopt(zmq.RCVTIMEO, timeout_ms)
         self.socket.connect(endpoint)
 
     def ask(self, payload: bytes) -> list:

@@ -7,12 +7,11 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 
 from learner.admission import AdmissionController
 from learner.batch import validate_group
 from learner.service import TrajectoryService
-from learner_worlds import make_group
+from learner_worlds import Dealer, make_group
 from protocol import (
     AdmissionRelease,
     AdmissionReply,
@@ -42,14 +41,9 @@ def service(tiny_vlm):
 
 @pytest.fixture
 def dealer(service):
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, 5000)
-    socket.connect(service.endpoint)
-    yield socket
-    socket.close()
-    context.term()
+    peer = Dealer(service.endpoint, timeout_ms=5000)
+    yield peer.socket
+    peer.close()
 
 
 def ask(socket, payload: bytes):
@@ -101,20 +95,14 @@ def test_a_handler_that_raises_is_answered_backend_error_counted_and_the_endpoin
         return [encode(ErrorReply(code="bad_request", message="fine"))]
 
     router = RouterThread("probe", handler)
-    context = zmq.Context()
-    peer = context.socket(zmq.DEALER)
-    peer.setsockopt(zmq.LINGER, 0)
-    peer.setsockopt(zmq.RCVTIMEO, 5000)
-    peer.connect(router.endpoint)
+    peer = Dealer(router.endpoint, timeout_ms=5000)
     try:
         for payload, code in ((b"boom", "backend_error"), (b"ok", "bad_request")):
-            peer.send(payload)
-            reply = decode(peer.recv(), LearnerOutbound)
+            reply = ask(peer.socket, payload)
             assert isinstance(reply, ErrorReply) and reply.code == code, reply
         assert router.metrics.counter("probe_handler_errors") == 1
     finally:
         peer.close()
-        context.term()
         router.close()
 
 
@@ -187,11 +175,8 @@ def test_a_restored_service_serves_its_checkpointed_groups_first_and_knows_their
     ids = tiny_vlm[1]
     old = [make_group("old1", ids), make_group("old2", ids, seed=1)]
     svc = TrajectoryService(AdmissionController(2, 1), restore=(old, ["trained0", "old1", "old2"]), version=3)
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, 5000)
-    socket.connect(svc.endpoint)
+    peer = Dealer(svc.endpoint, timeout_ms=5000)
+    socket = peer.socket
     try:
         assert ask(socket, encode(make_group("trained0", ids))).duplicate  # trained before the restart
         assert ask(socket, encode(make_group("new", ids, seed=2))).accepted
@@ -200,8 +185,7 @@ def test_a_restored_service_serves_its_checkpointed_groups_first_and_knows_their
         assert [g.group_id for g in svc.take(2, 1.0)] == ["old2", "new"]
         assert admit(socket)[0].version == 3
     finally:
-        socket.close()
-        context.term()
+        peer.close()
         svc.close()
 
 
@@ -217,19 +201,15 @@ def test_a_resent_admission_request_gets_the_same_grant_not_a_second_slot(servic
 def test_retry_pending_covers_a_denied_actors_retry_delay() -> None:
     """The learner's idle clock puts waits down to `admission_retry` while a denied actor sleeps out retry_after_ms."""
     svc = TrajectoryService(AdmissionController(groups_per_step=1, max_staleness=0), retry_after_ms=60_000)
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, 5000)
-    socket.connect(svc.endpoint)
+    peer = Dealer(svc.endpoint, timeout_ms=5000)
+    socket = peer.socket
     try:
         assert not svc.retry_pending()  # nobody was denied yet
         granted, denied = admit(socket, 2)  # room for one group at version 0
         assert granted.granted and not denied.granted and denied.retry_after_ms == 60_000
         assert svc.retry_pending()
     finally:
-        socket.close()
-        context.term()
+        peer.close()
         svc.close()
     quick = TrajectoryService(AdmissionController(groups_per_step=1, max_staleness=0), retry_after_ms=1)
     try:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import zmq
 from safetensors import safe_open
 
 from learner.weights import FsWeightPublisher, ZmqWeightPublisher, make_buckets, make_publisher, to_checkpoint_names
 from learner.weights_nccl import NcclWeightPublisher, update_info
+from learner_worlds import Dealer
 from protocol import (
     ErrorReply,
-    LearnerOutbound,
     NamedArray,
     ProtocolError,
     WeightAnnounce,
@@ -66,20 +65,12 @@ def publisher():
 
 
 def query(publisher: ZmqWeightPublisher, have_version: int, payload: bytes | None = None) -> list:
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, 5000)
-    socket.connect(publisher.endpoint)
+    dealer = Dealer(publisher.endpoint, timeout_ms=5000)
     try:
-        socket.send(payload if payload is not None else encode(WeightQuery(actor_id="t", have_version=have_version)))
-        replies = [decode(socket.recv(), LearnerOutbound)]
-        while isinstance(replies[0], WeightBucket) and len(replies) < replies[0].num_buckets:
-            replies.append(decode(socket.recv(), LearnerOutbound))
-        return replies
+        return dealer.ask(payload if payload is not None else encode(WeightQuery(actor_id="t",
+                                                                                 have_version=have_version)))
     finally:
-        socket.close()
-        context.term()
+        dealer.close()
 
 
 def test_publisher_serves_the_latest_version_only_when_newer(publisher) -> None:
