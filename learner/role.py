@@ -88,7 +88,6 @@ class LearnerRank:
         self._trained_ids: deque[str] = deque(maxlen=100_000)
         self._lock = threading.Lock()
         self._rows: list[dict[str, float]] = []
-        self._idle = IdleClock()  # rank 0: why this step waited for groups (learner/admission.py IDLE_CAUSES)
         self._stop = threading.Event()
         self._running = False
         self._closed = False
@@ -201,12 +200,12 @@ class LearnerRank:
 
     # ------------------------------------------------------------------------------------------- the step
     def _step(self) -> bool:
-        self._idle = IdleClock()
+        idle = IdleClock()  # rank 0: why this step waited for groups (learner/admission.py IDLE_CAUSES)
         start = time.perf_counter()
         status, groups, note = _GO, None, ""
         if self.rank == 0:
             try:
-                groups = self._take_groups()
+                groups = self._take_groups(idle)
             except StaleGroupError as exc:
                 status, note = _STALE_ERROR, str(exc)
             if groups is None and status == _GO:
@@ -244,12 +243,12 @@ class LearnerRank:
             train["seq_tokens"] = float(sum(s.num_tokens for s in samples))
             train["loss_trajectories"] = float(len(samples))  # = trajectories − tool_failed_masked
             train["broadcast_s"] = broadcast_s
-            self._record(groups, updated, train, waited, train_s, publish_s)
+            self._record(groups, updated, train, waited, train_s, publish_s, idle)
         if self.learner.checkpoint_every and self.version % self.learner.checkpoint_every == 0:
             self._checkpoint(final=False)
         return True
 
-    def _take_groups(self) -> Optional[list[TrajectoryGroup]]:
+    def _take_groups(self, idle: IdleClock) -> Optional[list[TrajectoryGroup]]:
         """groups_per_step groups within max_staleness of the current version, stale ones handled by
         algo.stale_policy and those left with too few episodes by a tool outage dropped (counted and logged, never
         silently); None once stop() was called."""
@@ -262,7 +261,7 @@ class LearnerRank:
                                self.service.retry_pending())
             started = time.perf_counter()
             got = self.service.take(need - len(chosen), poll)
-            self._idle.add(cause, time.perf_counter() - started)
+            idle.add(cause, time.perf_counter() - started)
             if not got:
                 continue
             stale = split_stale(got, self.version, self.algo.max_staleness)[1]
@@ -357,7 +356,7 @@ class LearnerRank:
                        max_version=version, max_image_pixels=self.learner.max_image_pixels)
 
     def _record(self, groups: list[TrajectoryGroup], updated: int, train: dict[str, float], waited: float,
-                train_s: float, publish_s: float) -> None:
+                train_s: float, publish_s: float, idle: IdleClock) -> None:
         assert self.service is not None
         row: dict[str, float] = {"step": float(self.version), "policy_version": float(self.version)}
         row.update(batch_stats(groups, updated, self.algo.max_staleness))
@@ -366,9 +365,9 @@ class LearnerRank:
         row.update({
             "learner_idle_s": waited,
             "learner_idle_frac": waited / total if total > 0 else 0.0,
-            **self._idle.row(),
+            **idle.row(),
             **{f"learner_idle_{cause}_frac": seconds / total if total > 0 else 0.0
-               for cause, seconds in self._idle.seconds.items()},
+               for cause, seconds in idle.seconds.items()},
             "step_time_s": train_s,
             "publish_s": publish_s,
             "tokens_per_s": train["seq_tokens"] / train_s if train_s > 0 else 0.0,

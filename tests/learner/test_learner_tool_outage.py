@@ -34,7 +34,6 @@ def rank0(algo: AlgoConfig, ledger: Ledger | None = None) -> LearnerRank:
     rank.algo, rank.learner = algo, LearnerConfig.from_dict({"world_size": 1, "take_timeout_s": 0.1})
     rank.version, rank.trained_count = 0, 0
     rank.metrics, rank._lock, rank._rows, rank._stop = Metrics(), threading.Lock(), [], threading.Event()
-    rank._idle = IdleClock()
     rank.admission = AdmissionController(algo.groups_per_step, algo.max_staleness)
     if ledger is not None:
         rank._ledger = ledger
@@ -66,7 +65,7 @@ def test_an_outage_group_is_dropped_counted_and_its_slot_given_back(tiny_vlm, tm
         for group in (down, half):
             assert ask(group) == GroupAck(group_id=group.group_id, accepted=True)
         taken: list = []
-        worker = threading.Thread(target=lambda: taken.append(rank._take_groups()))
+        worker = threading.Thread(target=lambda: taken.append(rank._take_groups(IdleClock())))
         worker.start()
         # The dropped group's slot comes back, so a third group may start and complete the step.
         granted = False
@@ -86,7 +85,7 @@ def test_an_outage_group_is_dropped_counted_and_its_slot_given_back(tiny_vlm, tm
         samples = samples_from_groups(groups, algo)
         assert len(samples) == 7
         rank._record(groups, 0, {"loss": 0.0, "seq_tokens": 1.0, "model_tokens": 1.0,
-                                 "loss_trajectories": float(len(samples))}, 0.1, 0.1, 0.1)
+                                 "loss_trajectories": float(len(samples))}, 0.1, 0.1, 0.1, IdleClock())
         (row,) = rank.drain_metrics()
         assert (row["trajectories"], row["tool_failed_masked"], row["loss_trajectories"]) == (8, 1, 7)
         assert (row["tool_failed_episodes"], row["tool_failed_groups_dropped"]) == (4, 1)
